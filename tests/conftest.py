@@ -1,0 +1,97 @@
+"""Shared fixtures: a tiny random Llama (fast tests) and the embedded SmolLM2 model (slow tests).
+
+SPECTRALQUANT_HOME defaults to <repo>/.cache/spectralquant-home here, so the ~260 MB SmolLM2 conversion is done
+once and reused by every later test run (CI included) instead of landing in the user's home cache.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("SPECTRALQUANT_HOME", str(REPO_ROOT / ".cache" / "spectralquant-home"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
+
+TINY_VOCAB_SIZE = 256
+
+
+def tiny_llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        vocab_size=TINY_VOCAB_SIZE,
+        max_position_embeddings=512,
+    )
+
+
+@pytest.fixture
+def tiny_llama():
+    """A fresh random LlamaForCausalLM (fp32, eval): 2 layers, 4 query / 2 KV heads, head_dim 16."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A character-level fast tokenizer over printable ASCII (ids < 256), built offline."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    assert len(vocab) <= TINY_VOCAB_SIZE
+    # BPE without merges splits text into single characters.
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved Hugging Face folder holding the tiny random Llama and the tiny tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def example_model_dir():
+    """The SmolLM2 example model folder, converted once into $SPECTRALQUANT_HOME (reused if already there)."""
+    from vllm_spectralquant.models.example_model import ensure_example_model
+
+    started = time.perf_counter()
+    path = ensure_example_model()
+    print(f"\nexample model ready at {path} in {time.perf_counter() - started:.1f} s")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32(example_model_dir):
+    """(model, tokenizer): SmolLM2 loaded in float32 on CPU, shared by the slow tests."""
+    from vllm_spectralquant.models.capture import load_model
+
+    return load_model(example_model_dir, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def lee_ids(smollm2_fp32):
+    """lee_background tokenized with the SmolLM2 tokenizer: int64 [~75k]."""
+    from vllm_spectralquant.corpus import read_corpus, tokenize_corpus
+
+    return tokenize_corpus(smollm2_fp32[1], read_corpus(None))

@@ -1,0 +1,1 @@
+"""The vLLM attention backend (imports vLLM; nothing else in the package does)."""

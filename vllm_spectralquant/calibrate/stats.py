@@ -1,0 +1,138 @@
+"""Streaming, mergeable calibration statistics (float64 sums), per layer and KV head.
+
+Memory does not grow with tokens: a layer keeps sum(x) and sum(x x^T) for keys and values, the
+queries' second moment summed over the query heads of each KV head, and (second pass, once the
+bases are known) histograms of the sigma-normalised rotated coordinates per group. Merging two
+statistics adds the sums, so sharded calibration gives the same result as one process up to
+float64 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_spectralquant.format.presets import GROUP_SIZE
+
+#: Histogram of normalised coordinates: NBINS equal bins over [-HIST_RANGE, HIST_RANGE] sigmas;
+#: values outside fall into the edge bins.
+HIST_RANGE = 16.0
+NBINS = 4096
+
+
+def hist_centers() -> torch.Tensor:
+    """float64 [NBINS] bin centres of the normalised-coordinate histograms."""
+    width = 2 * HIST_RANGE / NBINS
+    return -HIST_RANGE + width * (torch.arange(NBINS, dtype=torch.float64) + 0.5)
+
+
+@dataclass
+class MomentStats:
+    """count, sum and sum of outer products of vectors [N, H, D], in float64."""
+
+    count: int
+    total: torch.Tensor  # [H, D]
+    outer: torch.Tensor  # [H, D, D]
+
+    @classmethod
+    def zeros(cls, num_heads: int, dim: int) -> MomentStats:
+        return cls(0, torch.zeros(num_heads, dim, dtype=torch.float64), torch.zeros(num_heads, dim, dim, dtype=torch.float64))
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add vectors x [N, H, D] (any float dtype / device; summed in float64 on CPU)."""
+        x = x.detach().to(device="cpu", dtype=torch.float64)
+        self.count += x.shape[0]
+        self.total += x.sum(0)
+        self.outer += torch.einsum("nhd,nhe->hde", x, x)
+
+    def merge(self, other: MomentStats) -> MomentStats:
+        return MomentStats(self.count + other.count, self.total + other.total, self.outer + other.outer)
+
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
+
+    def covariance(self) -> torch.Tensor:
+        """Centered covariance [H, D, D] (population, float64)."""
+        m = self.mean()
+        cov = self.outer / max(self.count, 1) - torch.einsum("hd,he->hde", m, m)
+        return 0.5 * (cov + cov.transpose(-1, -2))
+
+    def second_moment(self) -> torch.Tensor:
+        """Uncentered second moment E[x x^T] [H, D, D]."""
+        return self.outer / max(self.count, 1)
+
+
+@dataclass
+class LayerStats:
+    """First-pass statistics of one attention layer."""
+
+    key: MomentStats
+    value: MomentStats
+    query: MomentStats  # queries regrouped per KV head: [N, H, g*D] would be wasteful, see update()
+    num_queries_per_kv: int
+
+    @classmethod
+    def zeros(cls, num_kv_heads: int, head_dim: int, num_queries_per_kv: int) -> LayerStats:
+        z = MomentStats.zeros
+        return cls(z(num_kv_heads, head_dim), z(num_kv_heads, head_dim), z(num_kv_heads, head_dim), num_queries_per_kv)
+
+    def update(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """q [N, Hq, D], k, v [N, H, D]: the queries' second moments are summed over each KV head's group."""
+        n, hq, d = q.shape
+        h = k.shape[1]
+        self.key.update(k)
+        self.value.update(v)
+        qg = q.detach().to(device="cpu", dtype=torch.float64).reshape(n, h, hq // h, d)
+        self.query.count += n
+        self.query.total += qg.sum((0, 2))
+        self.query.outer += torch.einsum("nhgd,nhge->hde", qg, qg)
+
+    def merge(self, other: LayerStats) -> LayerStats:
+        return LayerStats(
+            self.key.merge(other.key), self.value.merge(other.value), self.query.merge(other.query), self.num_queries_per_kv
+        )
+
+
+@dataclass
+class LayerHistograms:
+    """Second-pass statistics: counts of normalised rotated coordinates per (head, group)."""
+
+    key: torch.Tensor  # float64 [H, G, NBINS]
+    value: torch.Tensor  # float64 [H, G, NBINS]
+
+    @classmethod
+    def zeros(cls, num_kv_heads: int, head_dim: int) -> LayerHistograms:
+        g = head_dim // GROUP_SIZE
+        return cls(torch.zeros(num_kv_heads, g, NBINS, dtype=torch.float64), torch.zeros(num_kv_heads, g, NBINS, dtype=torch.float64))
+
+    def merge(self, other: LayerHistograms) -> LayerHistograms:
+        return LayerHistograms(self.key + other.key, self.value + other.value)
+
+
+def add_to_histogram(hist: torch.Tensor, u: torch.Tensor) -> None:
+    """Count normalised coordinates u [N, H, D] into hist [H, G, NBINS] (in place)."""
+    n, h, d = u.shape
+    g = d // GROUP_SIZE
+    width = 2 * HIST_RANGE / NBINS
+    b = ((u.detach().to(device="cpu", dtype=torch.float64) + HIST_RANGE) / width).floor().clamp(0, NBINS - 1).long()
+    # One flat bincount over (head, group, bin) keeps this vectorised.
+    hg = (torch.arange(h).view(1, h, 1) * g + torch.arange(d).view(1, 1, d) // GROUP_SIZE).expand(n, h, d)
+    flat = (hg * NBINS + b).reshape(-1)
+    hist += torch.bincount(flat, minlength=h * g * NBINS).reshape(h, g, NBINS).to(torch.float64)
+
+
+@dataclass
+class ModelStats:
+    """Statistics of every attention layer of a model (first pass, optional second pass)."""
+
+    layers: list[LayerStats]
+    histograms: list[LayerHistograms] | None = None
+    tokens: int = 0
+    meta: dict = field(default_factory=dict)
+
+    def merge(self, other: ModelStats) -> ModelStats:
+        hist = None
+        if self.histograms is not None and other.histograms is not None:
+            hist = [a.merge(b) for a, b in zip(self.histograms, other.histograms)]
+        return ModelStats([a.merge(b) for a, b in zip(self.layers, other.layers)], hist, self.tokens + other.tokens, dict(self.meta))

@@ -1,0 +1,145 @@
+"""Text corpora for calibration and evaluation: find, read, tokenize, cut into fixed windows.
+
+The default corpus is ``lee_background.cor`` (300 English news articles, ~360 KB, ~75k SmolLM2 tokens), shipped
+inside the ``gensim`` wheel. It is located on disk without importing gensim, which needs dependencies we do not
+install.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GENSIM_PIN = "gensim==4.4.0"
+DEFAULT_CORPUS_RELPATH = Path("test") / "test_data" / "lee_background.cor"
+CORPUS_SUFFIXES = (".txt", ".cor", ".md")
+
+
+class CorpusError(ValueError):
+    """A corpus cannot be found, read or cut as asked; the message names the cause and the fix."""
+
+
+def default_corpus_path() -> Path:
+    """Path of ``gensim/test/test_data/lee_background.cor`` in the installed gensim distribution.
+
+    ``find_spec`` on a top-level package locates it without running its ``__init__``.
+    """
+    hint = f"install it with `pip install --no-deps {GENSIM_PIN}` (gensim itself is never imported)"
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise CorpusError(f"the default corpus comes from the gensim package, which is not installed: {hint}")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / DEFAULT_CORPUS_RELPATH
+        if candidate.is_file():
+            return candidate
+    raise CorpusError(
+        f"gensim is installed but has no {DEFAULT_CORPUS_RELPATH.as_posix()} "
+        f"(looked in {list(spec.submodule_search_locations)}): {hint}"
+    )
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        # utf-8-sig: a leading byte-order mark is not text.
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CorpusError(
+            f"{path} is not UTF-8 text: byte {exc.start} is {data[exc.start:exc.start + 1]!r} ({exc.reason})"
+        ) from None
+
+
+def corpus_files(folder: Path) -> list[Path]:
+    """Files with a corpus suffix (.txt, .cor, .md) under ``folder``, recursively, sorted by relative path."""
+    return sorted(
+        (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in CORPUS_SUFFIXES),
+        key=lambda p: p.relative_to(folder).as_posix(),
+    )
+
+
+def read_corpus(path: Path | str | None = None) -> str:
+    """Text of a UTF-8 file, or of every .txt/.cor/.md file in a folder (sorted, joined by one blank line).
+
+    ``None`` reads the default corpus (:func:`default_corpus_path`).
+    """
+    if path is None:
+        path = default_corpus_path()
+    path = Path(path)
+    if not path.exists():
+        raise CorpusError(f"corpus path {path} does not exist")
+    if path.is_dir():
+        files = corpus_files(path)
+        if not files:
+            raise CorpusError(f"corpus folder {path} holds no {'/'.join('*' + s for s in CORPUS_SUFFIXES)} files")
+        parts = [_read_utf8(f).strip("\n") for f in files]
+        text = "\n\n".join(p for p in parts if p.strip())
+    else:
+        text = _read_utf8(path)
+    if not text.strip():
+        raise CorpusError(f"corpus {path} holds no text (empty or whitespace only)")
+    return text
+
+
+def corpus_sha256(text: str) -> str:
+    """Hex SHA-256 of the text's UTF-8 bytes: identifies the exact corpus a calibration saw."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tokenize_corpus(tokenizer: Any, text: str) -> torch.Tensor:
+    """Token ids of ``text`` as a 1-D int64 tensor, without special tokens (windows are cut from running text).
+
+    ``tokenizer`` is a Hugging Face tokenizer (anything callable like one).
+    """
+    if not text:
+        raise CorpusError("cannot tokenize an empty corpus")
+    # verbose=False: the whole corpus is longer than the model's context on purpose; it is cut into windows later.
+    encoded = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)
+    ids = torch.as_tensor(encoded["input_ids"], dtype=torch.long)
+    if ids.ndim != 1 or ids.numel() == 0:
+        raise CorpusError(f"tokenizer returned no tokens (shape {tuple(ids.shape)}) for {len(text)} characters")
+    return ids
+
+
+def _check_ids(ids: torch.Tensor) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 1:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise CorpusError(f"token ids must be a 1-D tensor, got {shape}")
+
+
+def split_windows(ids: torch.Tensor, window: int, num_windows: int | None = None, start: int = 0) -> torch.Tensor:
+    """Consecutive, non-overlapping windows ``ids[start:start + N*window]`` as an int64 tensor [N, window].
+
+    ``num_windows=None`` takes as many whole windows as fit; a trailing partial window is dropped.
+    """
+    _check_ids(ids)
+    if window <= 0:
+        raise CorpusError(f"window must be a positive number of tokens, got {window}")
+    if num_windows is not None and num_windows <= 0:
+        raise CorpusError(f"num_windows must be positive or None, got {num_windows}")
+    if start < 0:
+        raise CorpusError(f"start must be >= 0, got {start}")
+    available = max(ids.numel() - start, 0)
+    count = available // window if num_windows is None else num_windows
+    needed = max(count, 1) * window
+    if count == 0 or available < needed:
+        raise CorpusError(
+            f"corpus too short: found {available} tokens from position {start} (of {ids.numel()}), "
+            f"need {needed} for {max(count, 1)} window(s) of {window}"
+        )
+    return ids[start:start + count * window].reshape(count, window).to(torch.long)
+
+
+def split_halves(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration ids, held-out ids): the first and second half of a 1-D token sequence, by token count.
+
+    Calibrating on one half and evaluating on the other keeps evaluation text unseen by calibration.
+    """
+    _check_ids(ids)
+    if ids.numel() < 2:
+        raise CorpusError(f"corpus too short to split in halves: found {ids.numel()} tokens, need at least 2")
+    half = ids.numel() // 2
+    return ids[:half], ids[half:]
