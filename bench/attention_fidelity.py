@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from vllm_spectralquant.calibrate.collect import AttentionShape
-from vllm_spectralquant.calibrate.pipeline import calibrate_in_process
+from vllm_spectralquant.calibrate.pipeline import collect_in_process, fit_model
 from vllm_spectralquant.corpus import read_corpus, split_halves, split_windows, tokenize_corpus
 from vllm_spectralquant.fidelity import FidelityAccumulator, causal_attention, roundtrip_kv
 from vllm_spectralquant.format import PRESETS, turboquant_codec
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     print(f"corpus {ids.numel()} tokens; calibration {calib.numel()} tokens, held-out {held_out.numel()} tokens")
 
     sq_presets = [PRESETS[f"sq{t}"] for t in TIERS]
-    fit, _ = calibrate_in_process(model, calib, sq_presets)
+    stats = collect_in_process(model, calib, [0] * calib.shape[0], sample_stride=1)
+    fit = fit_model(stats, shape, sq_presets)
     t_fit = time.time() - t0
     print(f"fitted {len(sq_presets)} presets in {t_fit:.0f}s")
 

@@ -95,3 +95,45 @@ def lee_ids(smollm2_fp32):
     from vllm_spectralquant.corpus import read_corpus, tokenize_corpus
 
     return tokenize_corpus(smollm2_fp32[1], read_corpus(None))
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory):
+    """An English text file (~60k characters of Python's own documentation), no download needed."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))[:60000]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_calib_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved random Llama with head_dim 32 (the codec's minimum): 3 layers, 4 query / 2 KV heads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=3,
+        intermediate_size=256,
+        vocab_size=TINY_VOCAB_SIZE,
+        max_position_embeddings=1024,
+    )
+    path = tmp_path_factory.mktemp("tiny-calib-llama")
+    torch.manual_seed(1)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory, tiny_calib_model_dir, text_corpus):
+    """A calibrated artifact of the tiny Llama (every SpectralQuant preset), built once per session."""
+    from vllm_spectralquant.calibrate.job import CalibrationConfig, calibrate
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny"
+    cfg = CalibrationConfig(model_dir=tiny_calib_model_dir, out_dir=out, corpus=text_corpus, tokens=2048, window=128)
+    return calibrate(cfg)

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -32,6 +33,55 @@ def _cmd_example_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from vllm_spectralquant.calibrate.job import CalibrationConfig, calibrate
+
+    cfg = CalibrationConfig(
+        model_dir=args.model_dir,
+        out_dir=args.out,
+        corpus=args.corpus,
+        tokens=args.tokens,
+        window=args.window,
+        max_position=args.max_position,
+        presets=args.presets,
+        num_workers=args.num_workers,
+        ray_address=args.ray_address,
+        overwrite=args.overwrite,
+        device=args.device,
+    )
+    columns = (TextColumn("calibrating"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} tokens"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, transient=True, disable=args.quiet) as bar:
+        task = bar.add_task("collect", total=None)
+        result = calibrate(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    s = result.seconds
+    print(f"wrote {result.artifact} ({result.tokens:,} tokens; collect {s['collect']:.1f}s, fit {s['fit']:.1f}s, total {s['total']:.1f}s)")
+    print(f"report: {result.artifact / 'report.md'}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from vllm_spectralquant.artifact import fingerprint_of, load_artifact
+
+    expect = fingerprint_of(args.model) if args.model else None
+    art = load_artifact(args.artifact, expect=expect)
+    m = art.manifest
+    fp = m.model
+    if args.json:
+        print(m.model_dump_json(indent=2))
+        return 0
+    print(f"artifact {art.path}: verified ({len(m.files)} files, sha256 OK{', matches ' + str(args.model) if args.model else ''})")
+    print(f"  model     {fp.architecture}: {fp.num_layers} layers, {fp.num_heads}/{fp.num_kv_heads} heads, head_dim {fp.head_dim}, dtype {fp.dtype}")
+    print(f"  corpus    {m.corpus.source}: {m.corpus.tokens:,} tokens, windows of {m.corpus.window} up to position {m.corpus.max_position}")
+    print(f"  created   {m.created} by vllm-spectralquant {m.package_version} (format v{m.format_version})")
+    print(f"  {'preset':<10} {'bytes':>5} {'vs bf16':>8} {'key rel MSE':>12} {'value rel MSE':>14}")
+    for p in m.presets:
+        print(f"  {p.name:<10} {p.slot_bytes:>5} {p.compression_vs_bf16:>7.2f}x {p.key_rel_mse:>12.4f} {p.value_rel_mse:>14.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spectralquant", description="SpectralQuant KV cache for vLLM")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,11 +95,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", help="output folder (default: $SPECTRALQUANT_HOME/models/SmolLM2-135M-Instruct)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_example_model)
+
+    p = sub.add_parser("calibrate", help="fit a model's SpectralQuant artifact from its post-RoPE K/V")
+    p.add_argument("model_dir", type=Path, help="Hugging Face model folder")
+    p.add_argument("--out", type=Path, help="artifact folder (default: MODEL_DIR/spectralquant)")
+    p.add_argument("--corpus", type=Path, help="UTF-8 text file or folder (default: lee_background)")
+    p.add_argument("--tokens", type=int, default=32768, help="calibration tokens (default: 32768)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default: 512)")
+    p.add_argument("--max-position", type=int, help="spread windows over positions up to this (default: the model's context)")
+    p.add_argument("--presets", nargs="+", help="SpectralQuant presets to fit (default: all)")
+    p.add_argument("--num-workers", type=int, default=1, help="Ray workers (default: 1 = in this process)")
+    p.add_argument("--ray-address", help="join a running Ray cluster (HOST:PORT or auto)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("inspect", help="verify and summarise an artifact")
+    p.add_argument("artifact", type=Path, help="artifact folder")
+    p.add_argument("--model", type=Path, help="also check that it belongs to this model folder")
+    p.add_argument("--json", action="store_true", help="print the manifest")
+    p.set_defaults(func=_cmd_inspect)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from vllm_spectralquant.artifact.errors import ArtifactError
+    from vllm_spectralquant.calibrate.errors import CalibrationError
+    from vllm_spectralquant.corpus import CorpusError
     from vllm_spectralquant.format.errors import FormatError
+    from vllm_spectralquant.models.errors import ModelError
 
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
@@ -57,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except BrokenPipeError:  # output piped into e.g. `head`
         return 0
-    except (FormatError, OSError) as e:
+    except (FormatError, ArtifactError, CalibrationError, ModelError, CorpusError, OSError) as e:
+        # Their messages name the cause and the fix; a traceback would only hide that.
         print(f"spectralquant {args.command}: error: {e}", file=sys.stderr)
         return 2
 

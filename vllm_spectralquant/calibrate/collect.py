@@ -1,19 +1,25 @@
 """Run a model over token windows and accumulate calibration statistics from its post-RoPE Q/K/V.
 
-Pass 1 (``bases=None``) accumulates :class:`LayerStats`; pass 2 (``bases`` given) accumulates
-:class:`LayerHistograms` of the normalised coordinates in those bases. The first ``skip_first``
-tokens of every window are left out of both: they are attention sinks, stored exactly by the cache.
+One forward pass per batch of windows yields that batch's :class:`ModelStats`: float64 moment sums
+per layer and KV head, plus a deterministic subsample of raw K/V (tokens whose global index is a
+multiple of ``sample_stride``) from which the codebook histograms are built once the bases are
+known. Batches are merged in batch order, so the result does not depend on how batches were
+spread over workers.
+
+The first ``skip_first`` tokens of every window are left out: they are attention sinks, which the
+cache stores exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from vllm_spectralquant.calibrate.fit import LayerBasis, update_histograms
-from vllm_spectralquant.calibrate.stats import LayerHistograms, LayerStats, ModelStats
+from vllm_spectralquant.calibrate.stats import LayerHistograms, LayerStats
 from vllm_spectralquant.models.capture import run_with_capture
 
 
@@ -28,6 +34,7 @@ class AttentionShape:
 
     @classmethod
     def from_config(cls, config) -> AttentionShape:
+        config = getattr(config, "text_config", None) or config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads, head_dim)
@@ -37,46 +44,85 @@ class AttentionShape:
         return self.head_dim**-0.5
 
 
-def collect(
+@dataclass
+class KVSample:
+    """Raw K/V of the subsampled tokens of one layer: float32 [n, H, D] each."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+
+    def merge(self, other: KVSample) -> KVSample:
+        return KVSample(torch.cat([self.key, other.key]), torch.cat([self.value, other.value]))
+
+
+@dataclass
+class ModelStats:
+    """Statistics of every attention layer over some windows; ``merge`` in window order."""
+
+    layers: list[LayerStats]
+    samples: list[KVSample]
+    tokens: int
+    forward_seconds: float = 0.0  # model forward (capture included)
+    stats_seconds: float = 0.0  # accumulating the sums and samples
+
+    def merge(self, other: ModelStats) -> ModelStats:
+        return ModelStats(
+            [a.merge(b) for a, b in zip(self.layers, other.layers)],
+            [a.merge(b) for a, b in zip(self.samples, other.samples)],
+            self.tokens + other.tokens,
+            self.forward_seconds + other.forward_seconds,
+            self.stats_seconds + other.stats_seconds,
+        )
+
+
+def collect_batch(
     model: torch.nn.Module,
     windows: torch.Tensor,
+    window_ids: Sequence[int],
+    position_offsets: Sequence[int],
     *,
-    bases: Sequence[LayerBasis] | None = None,
-    position_offsets: Sequence[int] | None = None,
-    batch_size: int = 4,
     skip_first: int = 1,
-    progress: Callable[[int], None] | None = None,
+    sample_stride: int = 8,
 ) -> ModelStats:
-    """Accumulate statistics over token windows.
+    """Statistics of one batch of windows.
 
     Args:
-        windows: int64 [N, T] token ids.
-        bases: per-layer bases for the second pass (histograms); None for the first pass.
-        position_offsets: per window, the position of its first token (default 0): RoPE is relative,
-            so a window run at positions p..p+T-1 gives the hidden states of position 0..T-1 but keys
-            rotated as at long positions.
-        progress: called with the number of tokens after each batch.
+        windows: int64 [B, T] token ids; window b has global index ``window_ids[b]``.
+        position_offsets: position of each window's first token. RoPE is relative, so a window run at
+            positions p..p+T-1 has the hidden states of positions 0..T-1 but keys rotated as at p.
+        sample_stride: keep raw K/V of tokens whose global index (window_id * T + t) is a multiple.
     """
     shape = AttentionShape.from_config(model.config)
-    n, t = windows.shape
+    b, t = windows.shape
     g = shape.num_heads // shape.num_kv_heads
     layers = [LayerStats.zeros(shape.num_kv_heads, shape.head_dim, g) for _ in range(shape.num_layers)]
-    hists = None if bases is None else [LayerHistograms.zeros(shape.num_kv_heads, shape.head_dim) for _ in range(shape.num_layers)]
-    offsets = torch.as_tensor(list(position_offsets) if position_offsets is not None else [0] * n, dtype=torch.long)
+    samples: list[KVSample | None] = [None] * shape.num_layers
+    ids = torch.as_tensor(list(window_ids), dtype=torch.long)
+    pos_in_window = torch.arange(t)
+    use = (pos_in_window >= skip_first)[None, :].expand(b, t)
+    keep = use & (((ids[:, None] * t + pos_in_window[None, :]) % sample_stride) == 0)
+
+    stats_seconds = 0.0
 
     def on_qkv(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        q, k, v = (x[:, skip_first:].reshape(-1, *x.shape[2:]) for x in (q, k, v))
-        if hists is None:
-            layers[layer].update(q, k, v)
-        else:
-            update_histograms(hists[layer], bases[layer], k, v)
+        nonlocal stats_seconds
+        t = time.perf_counter()
+        layers[layer].update(q[use], k[use], v[use])
+        samples[layer] = KVSample(k[keep].contiguous(), v[keep].contiguous())
+        stats_seconds += time.perf_counter() - t
 
-    tokens = 0
-    for start in range(0, n, batch_size):
-        ids = windows[start : start + batch_size]
-        pos = offsets[start : start + batch_size, None] + torch.arange(t)[None, :]
-        run_with_capture(model, ids, on_qkv, position_ids=pos)
-        tokens += ids.numel()
-        if progress is not None:
-            progress(tokens)
-    return ModelStats(layers if bases is None else [], hists, tokens)
+    positions = torch.as_tensor(list(position_offsets), dtype=torch.long)[:, None] + pos_in_window[None, :]
+    started = time.perf_counter()
+    run_with_capture(model, windows, on_qkv, position_ids=positions, return_logits=False)
+    total = time.perf_counter() - started
+    return ModelStats(layers, samples, int(use.sum()), total - stats_seconds, stats_seconds)
+
+
+def histograms_from_samples(bases: Sequence[LayerBasis], samples: Sequence[KVSample]) -> list[LayerHistograms]:
+    """Histograms of the sampled tokens' normalised coordinates in each layer's bases."""
+    out = []
+    for basis, sample in zip(bases, samples):
+        hist = LayerHistograms.zeros(basis.num_kv_heads, basis.head_dim)
+        update_histograms(hist, basis, sample.key, sample.value)
+        out.append(hist)
+    return out

@@ -1,7 +1,7 @@
-"""Statistics of a whole model -> bases, codebook tables and per-preset codecs (the calibration fit).
+"""Merged statistics of a whole model -> bases, codebook tables and per-preset codecs (the fit).
 
-The collection passes (:mod:`collect`) may run in one process or be sharded over Ray workers and
-merged; this module only turns merged statistics into parameters.
+Collection (:mod:`collect`) may run in one process or on Ray workers; this module only turns merged
+statistics into parameters.
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_spectralquant.calibrate.collect import AttentionShape, collect
+from vllm_spectralquant.calibrate.collect import AttentionShape, ModelStats, collect_batch, histograms_from_samples
 from vllm_spectralquant.calibrate.fit import LayerBasis, LayerCodebooks, fit_basis, fit_codebooks, fit_codec
-from vllm_spectralquant.calibrate.stats import ModelStats
 from vllm_spectralquant.format.params import LayerCodec
 from vllm_spectralquant.format.presets import Preset
 
@@ -26,34 +25,36 @@ class ModelFit:
     codecs: dict[str, list[LayerCodec]]  # preset name -> one codec per layer
 
 
-def fit_bases(stats: ModelStats, shape: AttentionShape) -> list[LayerBasis]:
-    return [fit_basis(layer, shape.softmax_scale) for layer in stats.layers]
-
-
-def fit_model(
-    bases: list[LayerBasis], histograms: ModelStats | None, shape: AttentionShape, presets: Sequence[Preset]
-) -> ModelFit:
-    """Codebooks (fitted to the pass-2 histograms, or Gaussian without them) and a codec per preset."""
-    hists = histograms.histograms if histograms is not None else [None] * len(bases)
-    tables = fit_codebooks(list(hists), shape.num_kv_heads, shape.head_dim)
+def fit_model(stats: ModelStats, shape: AttentionShape, presets: Sequence[Preset], *, fitted_codebooks: bool = True) -> ModelFit:
+    """Bases from the moments, codebooks fitted to the sampled tokens (or Gaussian), a codec per preset."""
+    bases = [fit_basis(layer, shape.softmax_scale) for layer in stats.layers]
+    hists = histograms_from_samples(bases, stats.samples) if fitted_codebooks else [None] * len(bases)
+    tables = fit_codebooks(hists, shape.num_kv_heads, shape.head_dim)
     codecs = {
         p.name: [fit_codec(b, t, p) for b, t in zip(bases, tables)] for p in presets if p.method == "spectralquant"
     }
     return ModelFit(shape, bases, tables, codecs)
 
 
-def calibrate_in_process(
+def collect_in_process(
     model: torch.nn.Module,
     windows: torch.Tensor,
-    presets: Sequence[Preset],
+    position_offsets: Sequence[int],
     *,
-    position_offsets: Sequence[int] | None = None,
     batch_size: int = 4,
+    sample_stride: int = 8,
+    skip_first: int = 1,
     progress: Callable[[int], None] | None = None,
-) -> tuple[ModelFit, ModelStats]:
-    """Both passes in this process; returns the fit and the first-pass statistics."""
-    shape = AttentionShape.from_config(model.config)
-    first = collect(model, windows, position_offsets=position_offsets, batch_size=batch_size, progress=progress)
-    bases = fit_bases(first, shape)
-    second = collect(model, windows, bases=bases, position_offsets=position_offsets, batch_size=batch_size, progress=progress)
-    return fit_model(bases, second, shape, presets), first
+) -> ModelStats:
+    """Collect over all windows [N, T] in this process, merging batches in order."""
+    total: ModelStats | None = None
+    for start in range(0, windows.shape[0], batch_size):
+        ids = list(range(start, min(start + batch_size, windows.shape[0])))
+        batch = collect_batch(
+            model, windows[ids], ids, [position_offsets[i] for i in ids], skip_first=skip_first, sample_stride=sample_stride
+        )
+        total = batch if total is None else total.merge(batch)
+        if progress is not None:
+            progress(batch.tokens)
+    assert total is not None, "no windows"
+    return total

@@ -9,7 +9,7 @@ float64 rounding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -120,19 +120,3 @@ def add_to_histogram(hist: torch.Tensor, u: torch.Tensor) -> None:
     hg = (torch.arange(h).view(1, h, 1) * g + torch.arange(d).view(1, 1, d) // GROUP_SIZE).expand(n, h, d)
     flat = (hg * NBINS + b).reshape(-1)
     hist += torch.bincount(flat, minlength=h * g * NBINS).reshape(h, g, NBINS).to(torch.float64)
-
-
-@dataclass
-class ModelStats:
-    """Statistics of every attention layer of a model (first pass, optional second pass)."""
-
-    layers: list[LayerStats]
-    histograms: list[LayerHistograms] | None = None
-    tokens: int = 0
-    meta: dict = field(default_factory=dict)
-
-    def merge(self, other: ModelStats) -> ModelStats:
-        hist = None
-        if self.histograms is not None and other.histograms is not None:
-            hist = [a.merge(b) for a, b in zip(self.histograms, other.histograms)]
-        return ModelStats([a.merge(b) for a, b in zip(self.layers, other.layers)], hist, self.tokens + other.tokens, dict(self.meta))

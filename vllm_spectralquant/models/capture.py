@@ -197,13 +197,15 @@ def run_with_capture(
     position_ids: torch.Tensor | None = None,
     *,
     kv_transform: KVTransform | None = None,
-) -> torch.Tensor:
+    return_logits: bool = True,
+) -> torch.Tensor | None:
     """One forward pass without KV cache, reporting every layer's post-RoPE Q/K/V; returns float32 logits [B, T, V].
 
     input_ids: int64 [B, T]. position_ids: int64 [T], [1, T] or [B, T] (default 0..T-1); RoPE is relative, so
     positions p..p+T-1 leave logits unchanged (up to rounding) but rotate the captured q/k as at position p.
     on_qkv(layer_idx, q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, D]) gets float32 copies, once per layer.
     kv_transform(layer_idx, k, v) -> (k', v'), if given, replaces K/V before attention (e.g. a quantized cache).
+    return_logits=False runs the decoder stack only (no LM head) and returns None.
     """
     position_ids = _check_ids(model, input_ids, position_ids)
     device = next(model.parameters()).device
@@ -211,7 +213,9 @@ def run_with_capture(
     if position_ids is not None:
         position_ids = position_ids.to(device)
     with QKVCapture(model, on_qkv=on_qkv, kv_transform=kv_transform) as capture, torch.no_grad():
-        output = model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        # Without logits, run only the decoder stack: the LM head is a large share of a small model's FLOPs.
+        runner = model if return_logits else model.base_model
+        output = runner(input_ids=input_ids, position_ids=position_ids, use_cache=False)
     num_layers = _num_layers(model)
     if num_layers is not None:
         missing = sorted(set(range(num_layers)) - set(capture.layers_seen))
@@ -220,7 +224,7 @@ def run_with_capture(
                 f"attention of layers {missing} of {type(model).__name__} did not run through transformers' "
                 "AttentionInterface, so their Q/K/V were not captured"
             )
-    return output.logits.float()
+    return output.logits.float() if return_logits else None
 
 
 def check_supported_architecture(config: Any) -> None:

@@ -1,0 +1,185 @@
+"""`spectralquant calibrate`: the job end to end, its bad-input errors, and Ray sharding."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from vllm_spectralquant.artifact import fingerprint_of, load_artifact
+from vllm_spectralquant.artifact.errors import ArtifactError
+from vllm_spectralquant.calibrate.errors import CalibrationError
+from vllm_spectralquant.calibrate.job import CalibrationConfig, calibrate, window_offsets
+from vllm_spectralquant.cli import main as cli
+from vllm_spectralquant.models.errors import ModelError
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def test_artifact_is_complete_and_verified(tiny_artifact, tiny_calib_model_dir):
+    path = tiny_artifact.artifact
+    art = load_artifact(path, expect=fingerprint_of(tiny_calib_model_dir))
+    m = art.manifest
+    assert [p.name for p in m.presets] == ["sq2_5bit", "sq3bit", "sq4bit"]
+    assert m.corpus.tokens == 2048 and m.corpus.window == 128 and m.corpus.max_position == 1024
+    assert {"report.md", "spectra.png", "deff_heatmap.png", "bits.png"} <= {f.path for f in m.files}
+    for preset in ("sq2_5bit", "sq4bit"):
+        for layer in range(3):
+            codec = art.layer_codec(preset, layer)
+            assert codec.num_kv_heads == 2 and codec.head_dim == 32
+            assert int((codec.key.code_bytes + codec.value.code_bytes).max()) <= codec.preset.data_bytes(32)
+    # Tensor-parallel slice: one KV head.
+    assert art.layer_codec("sq3bit", 1, slice(1, 2)).num_kv_heads == 1
+    # Keys carry more energy in fewer directions than values in these models; the error ordering holds.
+    p = {e.name: e for e in m.presets}
+    assert p["sq2_5bit"].key_rel_mse > p["sq3bit"].key_rel_mse > p["sq4bit"].key_rel_mse
+    assert _leftovers(path.parent) == []
+
+
+def test_windows_spread_over_the_context():
+    assert window_offsets(5, 128, 1024) == [0, 224, 448, 672, 896]
+    assert window_offsets(1, 128, 1024) == [0]
+    assert window_offsets(3, 128, 128) == [0, 0, 0]
+
+
+def test_existing_output_is_refused_then_overwritten(tmp_path, tiny_calib_model_dir, text_corpus):
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    cfg = CalibrationConfig(model_dir=tiny_calib_model_dir, out_dir=out, corpus=text_corpus, tokens=256, window=128, presets=["sq3bit"])
+    with pytest.raises(ArtifactError, match="already exists; pass --overwrite"):
+        calibrate(cfg)
+    assert (out / "keep.txt").exists()
+    cfg.overwrite = True
+    calibrate(cfg)
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_corpus_too_small_says_found_and_needed(tmp_path, tiny_calib_model_dir):
+    small = tmp_path / "small.txt"
+    small.write_text("just a few words " * 10)
+    out = tmp_path / "art"
+    cfg = CalibrationConfig(model_dir=tiny_calib_model_dir, out_dir=out, corpus=small, tokens=1024, window=128)
+    with pytest.raises(CalibrationError, match=r"the corpus has 170 tokens, 1024 are needed"):
+        calibrate(cfg)
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_interrupted_run_leaves_nothing_that_looks_valid(tmp_path, tiny_calib_model_dir, text_corpus, monkeypatch):
+    import vllm_spectralquant.calibrate.report as report
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_report", boom)
+    out = tmp_path / "art"
+    cfg = CalibrationConfig(model_dir=tiny_calib_model_dir, out_dir=out, corpus=text_corpus, tokens=256, window=128, presets=["sq3bit"])
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(cfg)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_options(tmp_path, tiny_calib_model_dir, text_corpus):
+    base = dict(model_dir=tiny_calib_model_dir, corpus=text_corpus, tokens=256, window=128)
+    with pytest.raises(CalibrationError, match="cannot calibrate preset 'tq3bit'.*need no calibration"):
+        calibrate(CalibrationConfig(**base, out_dir=tmp_path / "a", presets=["tq3bit"]))
+    with pytest.raises(CalibrationError, match="exceeds the model's context"):
+        calibrate(CalibrationConfig(**base, out_dir=tmp_path / "b", max_position=5000))
+    with pytest.raises(CalibrationError, match="model folder .* does not exist"):
+        calibrate(CalibrationConfig(**dict(base, model_dir=tmp_path / "nope"), out_dir=tmp_path / "c"))
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(ArtifactError, match="cannot create"):
+        calibrate(CalibrationConfig(**base, out_dir=afile / "sub" / "art"))
+    with pytest.raises(CalibrationError, match="cannot reach the Ray cluster at 127.0.0.1:9"):
+        calibrate(CalibrationConfig(**base, out_dir=tmp_path / "d", ray_address="127.0.0.1:9"))
+
+
+def test_unsupported_models_are_named(tmp_path, tiny_calib_model_dir, text_corpus):
+    import shutil
+
+    for key, value, msg in (("kv_lora_rank", 64, "MLA"), ("sliding_window", 64, "sliding-window")):
+        model = tmp_path / key
+        shutil.copytree(tiny_calib_model_dir, model)
+        cfg = json.loads((model / "config.json").read_text())
+        cfg[key] = value
+        if key == "sliding_window":
+            cfg["layer_types"] = ["sliding_attention"] * cfg["num_hidden_layers"]
+        (model / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ModelError, match=msg):
+            calibrate(CalibrationConfig(model_dir=model, corpus=text_corpus, tokens=256, window=128))
+        assert not (model / "spectralquant").exists()
+
+
+def test_cli_calibrate_and_inspect(tmp_path, tiny_calib_model_dir, text_corpus, capsys):
+    out = tmp_path / "art"
+    rc = cli(["calibrate", str(tiny_calib_model_dir), "--out", str(out), "--corpus", str(text_corpus),
+              "--tokens", "256", "--window", "128", "--presets", "sq3bit", "--quiet"])
+    assert rc == 0 and "report.md" in capsys.readouterr().out
+    assert cli(["inspect", str(out), "--model", str(tiny_calib_model_dir)]) == 0
+    assert "verified" in capsys.readouterr().out
+    assert cli(["calibrate", str(tiny_calib_model_dir), "--out", str(out), "--corpus", str(text_corpus), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_ray_two_workers_give_the_same_artifact(tmp_path, tiny_calib_model_dir, text_corpus):
+    """A local Ray cluster of 2 workers computes the same sums as one process (batches merge in order)."""
+    pytest.importorskip("ray")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the Ray actors use one thread each; same float32 forward here
+    try:
+        common = dict(model_dir=tiny_calib_model_dir, corpus=text_corpus, tokens=1024, window=128, presets=["sq3bit"])
+        one = calibrate(CalibrationConfig(**common, out_dir=tmp_path / "one"))
+        two = calibrate(CalibrationConfig(**common, out_dir=tmp_path / "two", num_workers=2))
+    finally:
+        torch.set_num_threads(threads)
+    a, b = load_artifact(one.artifact), load_artifact(two.artifact)
+    for name, t in a.bases.items():
+        torch.testing.assert_close(b.bases[name], t, rtol=1e-6, atol=1e-7, msg=name)
+    for name, t in a.presets["sq3bit"].items():
+        torch.testing.assert_close(b.presets["sq3bit"][name], t, rtol=1e-6, atol=1e-7, msg=name)
+    assert one.tokens == two.tokens
+
+
+def test_ray_job_script(tmp_path, tiny_calib_model_dir, text_corpus):
+    """calibration/job.py (what `ray job submit` runs) calls the library with a YAML config."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    cfg = tmp_path / "config.yaml"
+    out = tmp_path / "art"
+    cfg.write_text(yaml.safe_dump({"model_dir": str(tiny_calib_model_dir), "out_dir": str(out), "corpus": str(text_corpus),
+                                   "tokens": 512, "window": 128, "presets": ["sq2_5bit"]}))
+    run = subprocess.run([sys.executable, str(repo / "calibration" / "job.py"), "--config", str(cfg), "--ray-address", "local"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert f"artifact: {out}" in run.stdout
+    load_artifact(out, expect=fingerprint_of(tiny_calib_model_dir))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_dir: x\nlearning_rate: 3\n")
+    run = subprocess.run([sys.executable, str(repo / "calibration" / "job.py"), "--config", str(bad)], capture_output=True, text=True)
+    assert run.returncode != 0 and "unknown options ['learning_rate']" in run.stderr
+
+
+@pytest.mark.slow
+def test_calibrate_smollm2(tmp_path, example_model_dir, capsys):
+    """The real embedded model: keys are lower-rank than values, and every layer's codec is valid."""
+    result = calibrate(CalibrationConfig(model_dir=example_model_dir, out_dir=tmp_path / "art", tokens=4096, presets=["sq2_5bit"]))
+    art = load_artifact(result.artifact, expect=fingerprint_of(example_model_dir))
+    assert art.manifest.corpus.max_position == 8192  # windows spread over the whole context
+    k_eig, v_eig = art.bases["key.eigvals"].double(), art.bases["value.eigvals"].double()
+    pr = lambda e: (e.sum(-1) ** 2 / (e**2).sum(-1)).mean().item()  # noqa: E731
+    assert pr(k_eig) < pr(v_eig)
+    for layer in range(30):
+        art.layer_codec("sq2_5bit", layer)
+    report = (result.artifact / "report.md").read_text()
+    assert "SmolLM2-135M-Instruct" in report and "| 29 |" in report
+    assert cli(["example-model"]) == 0
+    assert str(example_model_dir) in capsys.readouterr().out

@@ -1,0 +1,326 @@
+"""The calibration job: a model folder + a corpus -> a verified artifact (one entry point).
+
+    calibrate(CalibrationConfig(model_dir=...)) -> CalibrationResult
+
+Steps: validate everything cheap first (model, presets, output, corpus size, Ray address), then
+collect statistics (in process or on Ray workers), fit, and write the artifact and its report
+atomically. Windows of ``window`` tokens are taken from the corpus in order and run at position
+offsets spread evenly over ``[0, max_position - window]``, so the keys are seen rotated as at every
+part of the context the model will serve (RoPE is relative: the hidden states of a shifted window
+are those of the unshifted one, only the rotation of q and k changes).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vllm_spectralquant.artifact.errors import ArtifactError
+from vllm_spectralquant.artifact.fingerprint import fingerprint_of, read_config
+from vllm_spectralquant.artifact.manifest import CorpusInfo, PresetEntry, preset_file
+from vllm_spectralquant.artifact.store import check_destination, write_artifact
+from vllm_spectralquant.calibrate.collect import AttentionShape, ModelStats
+from vllm_spectralquant.calibrate.errors import CalibrationError
+from vllm_spectralquant.calibrate.pipeline import ModelFit, collect_in_process, fit_model
+from vllm_spectralquant.corpus import corpus_sha256, read_corpus, tokenize_corpus
+from vllm_spectralquant.format.presets import PRESETS, Preset
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ARTIFACT_SUBDIR = "spectralquant"
+#: Raw K/V of about this many tokens are kept to fit the codebooks.
+SAMPLE_TOKENS = 4096
+
+
+def default_artifact_dir(model_dir: Path | str) -> Path:
+    return Path(model_dir) / DEFAULT_ARTIFACT_SUBDIR
+
+
+@dataclass
+class CalibrationConfig:
+    model_dir: Path
+    out_dir: Path | None = None  # default: MODEL_DIR/spectralquant
+    corpus: Path | None = None  # default: lee_background
+    tokens: int = 32768
+    window: int = 512
+    max_position: int | None = None  # default: the model's max context
+    presets: Sequence[str] | None = None  # default: every SpectralQuant preset
+    num_workers: int = 1
+    ray_address: str | None = None
+    overwrite: bool = False
+    device: str = "auto"
+    batch_size: int = 4
+    skip_first: int = 1
+
+    def __post_init__(self) -> None:
+        self.model_dir = Path(self.model_dir)
+        self.out_dir = Path(self.out_dir) if self.out_dir is not None else default_artifact_dir(self.model_dir)
+        self.corpus = Path(self.corpus) if self.corpus is not None else None
+
+
+@dataclass
+class CalibrationResult:
+    artifact: Path
+    fit: ModelFit
+    tokens: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_presets(names: Sequence[str] | None) -> list[Preset]:
+    if not names:
+        return [p for p in PRESETS.values() if p.method == "spectralquant"]
+    out = []
+    for n in names:
+        p = PRESETS.get(n.removeprefix("spectralquant_"))
+        if p is None or p.method != "spectralquant":
+            known = ", ".join(q.name for q in PRESETS.values() if q.method == "spectralquant")
+            hint = " (TurboQuant-layout presets need no calibration)" if p is not None else ""
+            raise CalibrationError(f"cannot calibrate preset {n!r}{hint}; SpectralQuant presets: {known}")
+        out.append(p)
+    return out
+
+
+def window_offsets(num_windows: int, window: int, max_position: int) -> list[int]:
+    """Start position of each window, spread evenly over [0, max_position - window]."""
+    span = max_position - window
+    if num_windows == 1 or span <= 0:
+        return [0] * num_windows
+    return [round(i * span / (num_windows - 1)) for i in range(num_windows)]
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _max_context(config: dict) -> int:
+    text = config.get("text_config", config)
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        if text.get(key):
+            return int(text[key])
+    raise CalibrationError("the model config has no max_position_embeddings; pass --max-position")
+
+
+def prepare_windows(cfg: CalibrationConfig, tokenizer, max_context: int) -> tuple[torch.Tensor, list[int], CorpusInfo]:
+    """Token windows [N, window] from the corpus, their position offsets, and the corpus record."""
+    text = read_corpus(cfg.corpus)
+    ids = tokenize_corpus(tokenizer, text)
+    if cfg.window < 2 or cfg.tokens < cfg.window:
+        raise CalibrationError(f"--tokens ({cfg.tokens}) must be at least the window ({cfg.window}) and the window at least 2")
+    num = math.ceil(cfg.tokens / cfg.window)
+    need = num * cfg.window
+    if ids.numel() < need:
+        raise CalibrationError(
+            f"the corpus has {ids.numel()} tokens, {need} are needed for --tokens {cfg.tokens} "
+            f"({num} windows of {cfg.window}); use a larger corpus or fewer --tokens"
+        )
+    max_position = cfg.max_position or max_context
+    if max_position < cfg.window:
+        raise CalibrationError(f"--max-position ({max_position}) is smaller than the window ({cfg.window})")
+    if max_position > max_context:
+        raise CalibrationError(f"--max-position ({max_position}) exceeds the model's context ({max_context})")
+    windows = ids[:need].view(num, cfg.window)
+    info = CorpusInfo(
+        source=str(cfg.corpus) if cfg.corpus else "lee_background (gensim test data)",
+        sha256=corpus_sha256(text),
+        tokens=need,
+        window=cfg.window,
+        max_position=max_position,
+        skip_first_tokens=cfg.skip_first,
+    )
+    return windows, window_offsets(num, cfg.window, max_position), info
+
+
+def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | None = None) -> CalibrationResult:
+    """Run the whole job; ``progress(done_tokens, total_tokens)`` is called as batches finish."""
+    from vllm_spectralquant.models.capture import check_supported_architecture, load_model
+
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    presets = resolve_presets(cfg.presets)
+    config = read_config(cfg.model_dir) if cfg.model_dir.is_dir() else None
+    if config is None:
+        raise CalibrationError(f"model folder {cfg.model_dir} does not exist")
+    model_fp = fingerprint_of(cfg.model_dir)
+    check_destination(cfg.out_dir, cfg.overwrite)
+    if cfg.num_workers < 1:
+        raise CalibrationError(f"--num-workers must be at least 1, got {cfg.num_workers}")
+    distributed = cfg.num_workers > 1 or cfg.ray_address is not None
+    if distributed:
+        from vllm_spectralquant.calibrate.distributed import check_ray_address
+
+        check_ray_address(cfg.ray_address)
+
+    device = _pick_device(cfg.device)
+    model, tokenizer = load_model(cfg.model_dir, dtype=torch.float32, device=device)
+    check_supported_architecture(model.config)
+    shape = AttentionShape.from_config(model.config)
+    windows, offsets, corpus = prepare_windows(cfg, tokenizer, _max_context(config))
+    sample_stride = max(1, corpus.tokens // SAMPLE_TOKENS)
+    seconds["load"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    total = windows.shape[0] * (windows.shape[1] - cfg.skip_first)  # tokens used (sinks excluded)
+    done = 0
+
+    def on_tokens(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    if distributed:
+        from vllm_spectralquant.calibrate.distributed import collect_with_ray
+
+        del model  # the workers load their own copies
+        stats: ModelStats = collect_with_ray(
+            cfg.model_dir,
+            windows,
+            offsets,
+            num_workers=cfg.num_workers,
+            address=cfg.ray_address,
+            batch_size=cfg.batch_size,
+            sample_stride=sample_stride,
+            skip_first=cfg.skip_first,
+            device=cfg.device,
+            progress=on_tokens,
+        )
+    else:
+        stats = collect_in_process(
+            model, windows, offsets, batch_size=cfg.batch_size, sample_stride=sample_stride, skip_first=cfg.skip_first, progress=on_tokens
+        )
+    seconds["collect"] = time.perf_counter() - t1
+    seconds["forward"] = stats.forward_seconds  # summed over workers
+    seconds["statistics"] = stats.stats_seconds
+
+    t2 = time.perf_counter()
+    fit = fit_model(stats, shape, presets)
+    seconds["fit"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    bases_tensors, preset_tensors = artifact_tensors(fit)
+    report_data = build_report_data(cfg, fit, corpus, seconds)
+
+    def write_extras(stage: Path):
+        from vllm_spectralquant.calibrate.report import write_report
+
+        seconds_final = dict(seconds, write=time.perf_counter() - t3, total=time.perf_counter() - t0)
+        return write_report(stage, report_data(seconds_final))
+
+    path = write_artifact(
+        cfg.out_dir,
+        model=model_fp,
+        corpus=corpus,
+        bases=bases_tensors,
+        presets=preset_tensors,
+        write_extras=write_extras,
+        overwrite=cfg.overwrite,
+    )
+    seconds["write"] = time.perf_counter() - t3
+    seconds["total"] = time.perf_counter() - t0
+    return CalibrationResult(path, fit, stats.tokens, seconds)
+
+
+def expected_rel_mse(fit: ModelFit, preset: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expected relative MSE of keys and values [L, H] under the allocation (from the codebook MSE tables)."""
+    out = []
+    for comp in ("key", "value"):
+        per_layer = []
+        for basis, table, codec in zip(fit.bases, fit.codebooks, fit.codecs[preset]):
+            b = getattr(basis, comp)
+            c = getattr(codec, comp)
+            mse = getattr(table, comp).mse  # [H, G, widths]
+            d_group = torch.gather(mse, 2, c.bits.long()[..., None]).squeeze(-1)  # [H, G]
+            var = (b.sigma**2).reshape(b.sigma.shape[0], -1, 8)  # [H, G, 8]
+            per_layer.append((var * d_group[..., None]).sum((1, 2)) / var.sum((1, 2)))
+        out.append(torch.stack(per_layer))
+    return out[0], out[1]
+
+
+def artifact_tensors(fit: ModelFit) -> tuple[dict[str, torch.Tensor], dict[str, tuple[PresetEntry, dict[str, torch.Tensor]]]]:
+    """The fit as stacked [L, H, ...] tensors for the artifact files."""
+    bases: dict[str, torch.Tensor] = {}
+    for comp in ("key", "value"):
+        layers = [getattr(b, comp) for b in fit.bases]
+        bases[f"{comp}.mean"] = torch.stack([c.mean for c in layers]).float()
+        bases[f"{comp}.basis"] = torch.stack([c.basis for c in layers]).float()
+        bases[f"{comp}.scale"] = torch.stack([c.sigma for c in layers]).float()
+        bases[f"{comp}.eigvals"] = torch.stack([c.spectrum.eigvals for c in layers]).float()
+    presets = {}
+    d = fit.shape.head_dim
+    for name, codecs in fit.codecs.items():
+        p = PRESETS[name]
+        tensors = {}
+        for comp in ("key", "value"):
+            tensors[f"{comp}.bits"] = torch.stack([getattr(c, comp).bits for c in codecs]).to(torch.int32)
+            tensors[f"{comp}.codebooks"] = torch.stack([getattr(c, comp).codebooks for c in codecs]).float()
+        k_mse, v_mse = expected_rel_mse(fit, name)
+        entry = PresetEntry(
+            name=name,
+            slot_bytes=p.slot_bytes(d),
+            compression_vs_bf16=round(p.compression_vs_bf16(d), 4),
+            file=preset_file(name),
+            key_rel_mse=float(k_mse.mean()),
+            value_rel_mse=float(v_mse.mean()),
+        )
+        presets[name] = (entry, tensors)
+    return bases, presets
+
+
+def build_report_data(cfg: CalibrationConfig, fit: ModelFit, corpus: CorpusInfo, seconds: dict[str, float]):
+    """A function seconds -> ReportData (the timings are only final when the report is written)."""
+    from vllm_spectralquant.calibrate.report import PresetReport, ReportData
+
+    def energy_share(comp: str) -> torch.Tensor:
+        rows = []
+        for b in fit.bases:
+            c = getattr(b, comp)
+            mean2 = (c.mean**2).sum(-1)
+            rows.append(mean2 / (mean2 + c.spectrum.eigvals.sum(-1)))
+        return torch.stack(rows)
+
+    presets = []
+    for name, codecs in fit.codecs.items():
+        p = PRESETS[name]
+        k_mse, v_mse = expected_rel_mse(fit, name)
+        presets.append(
+            PresetReport(
+                name=name,
+                slot_bytes=p.slot_bytes(fit.shape.head_dim),
+                compression_vs_bf16=p.compression_vs_bf16(fit.shape.head_dim),
+                key_bits=torch.stack([c.key.bits for c in codecs]),
+                value_bits=torch.stack([c.value.bits for c in codecs]),
+                key_rel_mse=k_mse,
+                value_rel_mse=v_mse,
+            )
+        )
+
+    def make(seconds_final: dict[str, float]) -> ReportData:
+        return ReportData(
+            model_name=cfg.model_dir.name,
+            num_layers=fit.shape.num_layers,
+            num_heads=fit.shape.num_heads,
+            num_kv_heads=fit.shape.num_kv_heads,
+            head_dim=fit.shape.head_dim,
+            tokens=corpus.tokens,
+            corpus=corpus.source,
+            max_position=corpus.max_position,
+            seconds=seconds_final,
+            key_eigvals=torch.stack([b.key.spectrum.eigvals for b in fit.bases]),
+            value_eigvals=torch.stack([b.value.spectrum.eigvals for b in fit.bases]),
+            key_mean_energy=energy_share("key"),
+            value_mean_energy=energy_share("value"),
+            presets=presets,
+        )
+
+    return make
+
+
+__all__ = ["ArtifactError", "CalibrationConfig", "CalibrationError", "CalibrationResult", "calibrate"]
