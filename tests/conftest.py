@@ -137,3 +137,11 @@ def tiny_artifact(tmp_path_factory, tiny_calib_model_dir, text_corpus):
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
     cfg = CalibrationConfig(model_dir=tiny_calib_model_dir, out_dir=out, corpus=text_corpus, tokens=2048, window=128)
     return calibrate(cfg)
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(example_model_dir):
+    """The embedded model's artifact (MODEL/spectralquant), calibrated by the suite once and then reused."""
+    from vllm_spectralquant.calibrate.job import ensure_calibrated
+
+    return ensure_calibrated(example_model_dir)

@@ -49,8 +49,14 @@ from vllm_spectralquant.format.params import ComponentCodec, LayerCodec
 from vllm_spectralquant.format.presets import GROUP_SIZE, PRESETS, TokenScale
 
 COMPONENTS = ("key", "value")
+#: Where calibration writes and the backend looks by default: MODEL_DIR/spectralquant.
+DEFAULT_ARTIFACT_SUBDIR = "spectralquant"
 BASIS_TENSORS = ("mean", "basis", "scale", "eigvals")
 PRESET_TENSORS = ("bits", "codebooks")
+
+
+def default_artifact_dir(model_dir: Path | str) -> Path:
+    return Path(model_dir) / DEFAULT_ARTIFACT_SUBDIR
 
 
 def file_sha256(path: Path) -> str:

@@ -75,3 +75,51 @@ def _extend_literal(names: list[str]) -> None:
     arg_utils._compute_kwargs.cache_clear()  # the CLI turns the Literal into cached argparse choices
     for name in names:
         STR_DTYPE_TO_TORCH_DTYPE[name] = torch.uint8
+
+
+def register_custom_backend(class_path: str) -> None:
+    """Put our backend in vLLM's CUSTOM slot (value None, so it unpickles in spawned processes)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CUSTOM, class_path)
+
+
+def route_cpu_platform(class_path: str, dtype_prefix: str) -> None:
+    """Make the CPU platform honour ``--attention-backend CUSTOM`` / our kv-cache dtypes (idempotent).
+
+    vLLM's CPU platform returns CPU_ATTN whatever backend was asked for and never validates it. We wrap
+    its selector so that (a) our backend is returned, after ``validate_configuration``, when the user
+    asked for CUSTOM (with our class registered) or for one of our dtypes, and (b) our dtype can
+    never silently reach CPU_ATTN (which would read the packed bytes as bf16 and produce garbage).
+    Nothing changes for anyone else.
+    """
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    original = CpuPlatform.get_attn_backend_cls
+    if getattr(original, "_spectralquant_route", False):
+        return
+    original_func = original.__func__
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+        cfg = attn_selector_config
+        ours_dtype = str(cfg.kv_cache_dtype).startswith(dtype_prefix)
+        custom = selected_backend == AttentionBackendEnum.CUSTOM and AttentionBackendEnum.CUSTOM.get_path() == class_path
+        if (custom or (ours_dtype and selected_backend is None)) and not cfg.use_mla:
+            from vllm.utils.import_utils import resolve_obj_by_qualname
+
+            backend = resolve_obj_by_qualname(class_path)
+            fields = cfg._asdict()
+            reasons = backend.validate_configuration(device_capability=None, **fields)
+            if reasons:
+                raise ValueError(f"the SpectralQuant attention backend cannot serve this model: {'; '.join(reasons)}")
+            return class_path
+        if ours_dtype:
+            raise ValueError(
+                f"kv-cache dtype {cfg.kv_cache_dtype} needs the SpectralQuant backend: pass --attention-backend CUSTOM "
+                f"(got {getattr(selected_backend, 'name', selected_backend)})"
+            )
+        return original_func(cls, selected_backend, attn_selector_config, *args, **kwargs)
+
+    get_attn_backend_cls._spectralquant_route = True
+    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)

@@ -24,7 +24,7 @@ import torch
 from vllm_spectralquant.artifact.errors import ArtifactError
 from vllm_spectralquant.artifact.fingerprint import fingerprint_of, read_config
 from vllm_spectralquant.artifact.manifest import CorpusInfo, PresetEntry, preset_file
-from vllm_spectralquant.artifact.store import check_destination, write_artifact
+from vllm_spectralquant.artifact.store import check_destination, default_artifact_dir, write_artifact
 from vllm_spectralquant.calibrate.collect import AttentionShape, ModelStats
 from vllm_spectralquant.calibrate.errors import CalibrationError
 from vllm_spectralquant.calibrate.pipeline import ModelFit, collect_in_process, fit_model
@@ -33,13 +33,8 @@ from vllm_spectralquant.format.presets import PRESETS, Preset
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ARTIFACT_SUBDIR = "spectralquant"
 #: Raw K/V of about this many tokens are kept to fit the codebooks.
 SAMPLE_TOKENS = 4096
-
-
-def default_artifact_dir(model_dir: Path | str) -> Path:
-    return Path(model_dir) / DEFAULT_ARTIFACT_SUBDIR
 
 
 @dataclass
@@ -324,3 +319,18 @@ def build_report_data(cfg: CalibrationConfig, fit: ModelFit, corpus: CorpusInfo,
 
 
 __all__ = ["ArtifactError", "CalibrationConfig", "CalibrationError", "CalibrationResult", "calibrate"]
+
+
+def ensure_calibrated(model_dir: Path | str, *, tokens: int = 16384, out_dir: Path | None = None) -> Path:
+    """The model's artifact: reused when it verifies against the model, else calibrated (replacing it)."""
+    from vllm_spectralquant.artifact import fingerprint_of, load_artifact
+
+    model_dir = Path(model_dir)
+    out = Path(out_dir) if out_dir is not None else default_artifact_dir(model_dir)
+    if out.exists():
+        try:
+            load_artifact(out, expect=fingerprint_of(model_dir))
+            return out
+        except ArtifactError as e:
+            logger.warning("recalibrating: %s", e)
+    return calibrate(CalibrationConfig(model_dir=model_dir, out_dir=out, tokens=tokens, overwrite=True)).artifact

@@ -176,3 +176,23 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     mask = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]
     s = s.masked_fill(~mask, float("-inf"))
     return torch.einsum("hnl,lhd->nhd", torch.softmax(s, dim=-1), vv)
+
+
+def gather_context(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, codec: LayerCodec, geometry: CacheGeometry
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded context of B sequences, padded to the longest: K, V float32 [B, L, H, D] (exact sinks included).
+
+    Positions past a sequence's length are zero.
+    """
+    slots, valid = gather_slots(kv_cache, block_table, seq_lens, geometry)
+    b, length, h, _ = slots.shape
+    keys, values = decode_rotated(slots.reshape(b * length, h, -1), codec)
+    k = unrotate(keys, codec.key).view(b, length, h, -1)
+    v = unrotate(values, codec.value).view(b, length, h, -1)
+    n_sink = min(geometry.sink_tokens, length)
+    if n_sink:
+        k_sink, v_sink = read_sinks(kv_cache, block_table[:, 0], geometry)
+        k[:, :n_sink], v[:, :n_sink] = k_sink[:, :n_sink], v_sink[:, :n_sink]
+    mask = valid[..., None, None]
+    return torch.where(mask, k, 0.0), torch.where(mask, v, 0.0)

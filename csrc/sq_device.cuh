@@ -1,0 +1,91 @@
+// Device helpers shared by the store, decode and gather kernels.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "sq_launch.h"
+
+namespace sq {
+
+constexpr int kGroup = 8;  // coordinates per code group (format.presets.GROUP_SIZE)
+
+__device__ __forceinline__ float load_float(const void* p, int64_t i, DType t) {
+  switch (t) {
+    case DType::kFloat16:
+      return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::kBFloat16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default:
+      return static_cast<const float*>(p)[i];
+  }
+}
+
+__device__ __forceinline__ void store_float(void* p, int64_t i, DType t, float v) {
+  switch (t) {
+    case DType::kFloat16:
+      static_cast<__half*>(p)[i] = __float2half_rn(v);
+      break;
+    case DType::kBFloat16:
+      static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+      break;
+    default:
+      static_cast<float*>(p)[i] = v;
+  }
+}
+
+// Little-endian fp16 / bf16 at any byte address (entries can be odd-aligned).
+__device__ __forceinline__ float fp16_at(const uint8_t* p) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(p[0] | (p[1] << 8))));
+}
+__device__ __forceinline__ float bf16_at(const uint8_t* p) {
+  return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(p[0] | (p[1] << 8))));
+}
+
+// The fp16 value a float becomes when stored as a token field (clamped to the finite range).
+__device__ __forceinline__ float fp16_round(float x) {
+  return __half2float(__float2half_rn(fminf(fmaxf(x, -65504.f), 65504.f)));
+}
+
+__device__ __forceinline__ void put_fp16(uint8_t* p, float x) {
+  const unsigned short b = __half_as_ushort(__float2half_rn(x));
+  p[0] = static_cast<uint8_t>(b & 0xFF);
+  p[1] = static_cast<uint8_t>(b >> 8);
+}
+
+// Byte i of the sink spill of the (block, head) whose offset-0 entry is `entry`.
+__device__ __forceinline__ int64_t spill_offset(const Cache& c, int i) {
+  return static_cast<int64_t>(i / c.sink_bytes) * c.s_tok + c.slot_bytes + i % c.sink_bytes;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_min(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Nearest codebook level (index) of u among `levels` (ascending, 2^bits used): the number of
+// midpoints 0.5 * (l[i] + l[i+1]) that are <= u, as torch.searchsorted(right=True) counts them.
+__device__ __forceinline__ int nearest_level(float u, const float* levels, int last) {
+  int idx = 0;
+#pragma unroll
+  for (int step = 128; step > 0; step >>= 1) {
+    const int cand = idx + step;
+    if (cand <= last && 0.5f * (levels[cand] + levels[cand - 1]) <= u) idx = cand;
+  }
+  return idx;
+}
+
+}  // namespace sq

@@ -1,0 +1,214 @@
+"""The vLLM backend without a server: forward path on hand-made metadata, spec, routing, startup errors."""
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+from vllm_spectralquant.artifact import ArtifactError  # noqa: E402
+from vllm_spectralquant.backend import codecs  # noqa: E402
+from vllm_spectralquant.format import PRESETS  # noqa: E402
+from vllm_spectralquant.format.reference_attention import dense_causal_attention, gather_context  # noqa: E402
+from vllm_spectralquant.format.synthetic import random_paged_batch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_policy():
+    codecs.reset_for_tests()
+    yield
+    codecs.reset_for_tests()
+
+
+def _fake_config(model_dir, **spectralquant):
+    return SimpleNamespace(
+        model_config=SimpleNamespace(model=str(model_dir), hf_config=None),
+        parallel_config=SimpleNamespace(decode_context_parallel_size=1, prefill_context_parallel_size=1),
+        additional_config={"spectralquant": spectralquant} if spectralquant else {},
+    )
+
+
+@pytest.fixture
+def use_config(monkeypatch):
+    import vllm.config
+
+    def use(cfg):
+        monkeypatch.setattr(vllm.config, "get_current_vllm_config_or_none", lambda: cfg)
+
+    return use
+
+
+def _impl(dtype="spectralquant_sq3bit", heads=4, kv_heads=2, head_dim=32, **kw):
+    from vllm_spectralquant.backend.attention import SpectralQuantImpl
+
+    return SpectralQuantImpl(heads, head_dim, head_dim**-0.5, kv_heads, None, None, dtype, None, **kw)
+
+
+def test_mixed_batch_forward_matches_the_reference(use_config, tiny_artifact, tiny_calib_model_dir):
+    """Decodes over the packed cache, a first chunk over raw K/V, a continuation over packed context + raw chunk."""
+    from vllm_spectralquant.backend.attention import SpectralQuantMetadata
+
+    use_config(_fake_config(tiny_calib_model_dir, artifact=str(tiny_artifact.artifact)))
+    impl = _impl()
+    layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
+    codec = codecs.layer_codec(impl.policy, 1, 32, torch.device("cpu"))
+    # Sequences: 2 decodes (40, 1 tokens of context), a first chunk of 9, a continuation of 5 over 30.
+    seq_lens, q_lens = [40, 1, 9, 30], [1, 1, 9, 5]
+    batch = random_paged_batch(codec, seq_lens, q_lens, block_size=16, num_query_heads=4, padding_tokens=3, seed=7)
+    t = batch.num_tokens
+    key = torch.randn(t + 3, 2, 32)
+    value = torch.randn(t + 3, 2, 32)
+    # The new tokens' K/V as vLLM passes them: the last q_len tokens of each sequence.
+    qsl = batch.query_start_loc.tolist()
+    for r, (n, q) in enumerate(zip(seq_lens, q_lens)):
+        key[qsl[r] : qsl[r + 1]] = batch.keys[r][n - q :]
+        value[qsl[r] : qsl[r + 1]] = batch.values[r][n - q :]
+    md = SpectralQuantMetadata(
+        num_actual_tokens=t,
+        query_start_loc=batch.query_start_loc,
+        seq_lens=batch.seq_lens,
+        block_table=batch.block_table,
+        slot_mapping=torch.zeros(t, dtype=torch.long),
+        num_decodes=2,
+        num_decode_tokens=2,
+        num_prefills=2,
+        query_start_loc_cpu=batch.query_start_loc,
+        seq_lens_cpu=batch.seq_lens,
+    )
+    out = torch.full((t + 3, 4, 32), float("nan"))
+    impl.forward(layer, batch.query, key, value, batch.kv_cache, md, output=out)
+    scale = 32**-0.5
+    k_ctx, v_ctx = gather_context(batch.kv_cache, batch.block_table, batch.seq_lens, codec, batch.geometry)
+    for r, (n, q) in enumerate(zip(seq_lens, q_lens)):
+        qr = batch.query[qsl[r] : qsl[r + 1]]
+        if r < 2:  # decode: everything from the packed cache
+            ref = dense_causal_attention(qr, k_ctx[r, :n], v_ctx[r, :n], scale)
+        elif q == n:  # first chunk: raw K/V
+            ref = dense_causal_attention(qr, batch.keys[r], batch.values[r], scale)
+        else:  # continuation: packed cached context + raw chunk
+            k = torch.cat([k_ctx[r, : n - q], batch.keys[r][n - q :]])
+            v = torch.cat([v_ctx[r, : n - q], batch.values[r][n - q :]])
+            ref = dense_causal_attention(qr, k, v, scale)
+        got = out[qsl[r] : qsl[r + 1]]
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-5, r
+    assert torch.isnan(out[t:]).all()  # padding rows untouched
+
+
+def test_profiling_run_without_metadata_writes_zeros(use_config, tiny_calib_model_dir):
+    use_config(_fake_config(tiny_calib_model_dir))
+    impl = _impl("spectralquant_tq3bit")
+    out = torch.full((5, 4, 32), float("nan"))
+    impl.forward(SimpleNamespace(layer_name="model.layers.0.self_attn.attn"), torch.randn(5, 4, 32), None, None, torch.zeros(0, dtype=torch.uint8), None, output=out)
+    assert (out == 0).all()
+
+
+def test_do_kv_cache_update_skips_padding_slots(use_config, tiny_calib_model_dir):
+    use_config(_fake_config(tiny_calib_model_dir))
+    impl = _impl("spectralquant_tq3bit")
+    geo = impl.policy.geometry(32, 16)
+    cache = torch.zeros(3, 2, 16, geo.page_slot_bytes, dtype=torch.uint8)
+    k = torch.randn(4, 2, 32)
+    impl.do_kv_cache_update(SimpleNamespace(layer_name="model.layers.0.self_attn.attn"), k, k, cache, torch.tensor([17, -1, 33]))
+    written = (cache[..., : geo.slot_bytes] != 0).any(-1).any(1).flatten().nonzero().flatten().tolist()
+    assert written == [17, 33]
+
+
+def test_customize_spec_allocates_packed_bytes(use_config, tiny_calib_model_dir):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_spectralquant.backend.attention import SpectralQuantBackend
+
+    use_config(_fake_config(tiny_calib_model_dir))
+    _impl("spectralquant_tq2_5bit")
+    spec = FullAttentionSpec(block_size=128, num_kv_heads=2, head_size=32, dtype=torch.uint8)
+    out = SpectralQuantBackend.customize_spec(spec)
+    slot = PRESETS["tq2_5bit"].slot_bytes(32)
+    assert out.state_content_bytes == slot + 1  # sink spill: 4*32 bytes / 128 offsets
+    assert out.page_size_bytes == 2 * 128 * (slot + 1)
+    bf16 = FullAttentionSpec(block_size=128, num_kv_heads=2, head_size=32, dtype=torch.bfloat16)
+    assert SpectralQuantBackend.customize_spec(bf16) is bf16
+
+
+def test_startup_errors_name_the_cause(use_config, tiny_artifact, tiny_calib_model_dir, example_model_dir, tmp_path):
+    # Artifact missing (the model folder has none and none was given).
+    use_config(_fake_config(tiny_calib_model_dir))
+    with pytest.raises(ArtifactError, match="no SpectralQuant artifact at .*spectralquant calibrate"):
+        _impl()
+    # Checksum mismatch.
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_artifact.artifact, broken)
+    f = broken / "bases.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 1
+    f.write_bytes(bytes(data))
+    codecs.reset_for_tests()
+    use_config(_fake_config(tiny_calib_model_dir, artifact=str(broken)))
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        _impl()
+    # Wrong model: the tiny model's artifact for SmolLM2.
+    codecs.reset_for_tests()
+    use_config(_fake_config(example_model_dir, artifact=str(tiny_artifact.artifact)))
+    with pytest.raises(ArtifactError, match="different model.*num_layers: artifact has 3, model has 30"):
+        _impl(heads=9, kv_heads=3, head_dim=64)
+    # Preset not in the artifact.
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_artifact.artifact, partial)
+    m = json.loads((partial / "manifest.json").read_text())
+    m["presets"] = [p for p in m["presets"] if p["name"] != "sq4bit"]
+    (partial / "manifest.json").write_text(json.dumps(m))
+    codecs.reset_for_tests()
+    use_config(_fake_config(tiny_calib_model_dir, artifact=str(partial)))
+    with pytest.raises(ArtifactError, match="preset sq4bit is not in the artifact"):
+        _impl("spectralquant_sq4bit")
+    # Unknown option.
+    codecs.reset_for_tests()
+    use_config(_fake_config(tiny_calib_model_dir, artefact="x"))
+    with pytest.raises(ArtifactError, match=r"unknown --additional-config \"spectralquant\" options \['artefact'\]"):
+        _impl()
+
+
+def test_unsupported_attention_is_refused(use_config, tiny_calib_model_dir):
+    from vllm.v1.attention.backend import AttentionType
+
+    from vllm_spectralquant.format.errors import FormatError
+
+    use_config(_fake_config(tiny_calib_model_dir))
+    with pytest.raises(FormatError, match="unsupported head_dim 20"):
+        _impl("spectralquant_tq3bit", head_dim=20)
+    from vllm_spectralquant.backend.attention import SpectralQuantImpl
+
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        SpectralQuantImpl(4, 32, 0.1, 2, None, 64, "spectralquant_tq3bit")
+    with pytest.raises(NotImplementedError, match="encoder"):
+        SpectralQuantImpl(4, 32, 0.1, 2, None, None, "spectralquant_tq3bit", None, AttentionType.ENCODER)
+    with pytest.raises(ValueError, match="serves kv-cache dtypes"):
+        SpectralQuantImpl(4, 32, 0.1, 2, None, None, "auto")
+
+
+def test_cpu_routing_only_when_asked():
+    """Our backend for CUSTOM / our dtype; CPU_ATTN for everyone else; never our dtype on CPU_ATTN."""
+    import vllm_spectralquant
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    vllm_spectralquant.register()
+
+    def cfg(kv_dtype, **kw):
+        base = dict(head_size=64, dtype=torch.float32, kv_cache_dtype=kv_dtype, block_size=None, use_mla=False, has_sink=False,
+                    use_sparse=False, use_mm_prefix=False, use_per_head_quant_scales=False, attn_type="decoder")
+        fields = AttentionSelectorConfig._fields
+        return AttentionSelectorConfig(**{k: v for k, v in {**base, **kw}.items() if k in fields})
+
+    ours = "vllm_spectralquant.backend.attention.SpectralQuantBackend"
+    assert CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, cfg("spectralquant_sq3bit")) == ours
+    assert CpuPlatform.get_attn_backend_cls(None, cfg("spectralquant_sq3bit")) == ours
+    assert "cpu_attn" in CpuPlatform.get_attn_backend_cls(None, cfg("auto"))
+    with pytest.raises(ValueError, match="needs the SpectralQuant backend"):
+        CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CPU_ATTN, cfg("spectralquant_sq3bit"))
+    with pytest.raises(ValueError, match="cannot serve this model: .*head_size"):
+        CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, cfg("spectralquant_sq3bit", head_size=20))

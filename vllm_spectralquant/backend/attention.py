@@ -1,0 +1,240 @@
+"""vLLM attention backend on the packed SpectralQuant cache: backend + metadata builder + impl.
+
+Per layer and step, vLLM calls ``do_kv_cache_update`` (pack the new tokens into their slots), then
+``forward``. The batch is reordered decodes first (reorder threshold 1):
+
+* decodes (one query token) attend over the packed cache (``ops.decode_attention``);
+* a first prefill chunk (query length == sequence length) attends over its raw K/V;
+* continuation chunks and prefix-cache hits attend over the dequantised cached context
+  (``ops.gather_context``) plus the chunk's raw K/V.
+
+All packed-cache work goes through ``vllm_spectralquant.ops`` (CUDA > Triton > torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from vllm_spectralquant import ops
+from vllm_spectralquant.backend import codecs
+from vllm_spectralquant.format.presets import MAX_HEAD_DIM, MIN_HEAD_DIM, PRESETS, GROUP_SIZE
+
+KV_CACHE_DTYPES = [p.kv_cache_dtype for p in PRESETS.values()]
+
+
+class SpectralQuantBackend(AttentionBackend):
+    """Registered in vLLM's CUSTOM slot (it survives spawn/Ray pickling, unlike a new enum name)."""
+
+    accept_output_buffer: bool = True
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = KV_CACHE_DTYPES
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type[SpectralQuantImpl]:
+        return SpectralQuantImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[SpectralQuantMetadataBuilder]:
+        return SpectralQuantMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        # Any block size works; the exact-sink spill costs ceil(4 D sink_tokens / block_size) bytes
+        # per head-token, so larger blocks are cheaper (see get_preferred_block_size).
+        return [MultipleOf(1)]
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int = 16) -> int:
+        return max(default_block_size, 128)
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(range(MIN_HEAD_DIM, MAX_HEAD_DIM + 1, GROUP_SIZE))
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # Kernels index through kv_cache.stride(); both token-major and head-major pages work.
+        return (KVCacheLayout.LBHNC, KVCacheLayout.LBNHC)
+
+    @classmethod
+    def supports_kv_connector(cls) -> bool:
+        return False  # the packed layout is not what KV connectors (LMCache, NIXL) expect
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """Make vLLM allocate packed bytes per head-token (slot + sink spill) for our layers."""
+        if spec.dtype != torch.uint8:
+            return spec
+        policy = codecs.active_policy()
+        if policy is None:
+            raise RuntimeError("SpectralQuant: customize_spec ran before any attention layer was built")
+        geometry = policy.geometry(spec.head_size, spec.block_size)
+        return replace(spec, state_content_bytes=geometry.page_slot_bytes)
+
+
+@dataclass
+class SpectralQuantMetadata:
+    num_actual_tokens: int
+    query_start_loc: torch.Tensor  # [B + 1] int32, device
+    seq_lens: torch.Tensor  # [B] int32, device
+    block_table: torch.Tensor  # [B, max_blocks] int32
+    slot_mapping: torch.Tensor  # [T] int64
+    num_decodes: int
+    num_decode_tokens: int
+    num_prefills: int
+    query_start_loc_cpu: torch.Tensor  # [B + 1]
+    seq_lens_cpu: torch.Tensor | None  # [B]; None for pure-decode batches (no host copy needed)
+
+
+class SpectralQuantMetadataBuilder(AttentionMetadataBuilder[SpectralQuantMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False) -> SpectralQuantMetadata:
+        cam = common_attn_metadata
+        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(cam, decode_threshold=1)
+        # Prefill rows need their lengths on the host (to pick first chunks and size the gathers).
+        seq_lens_cpu = cam.seq_lens.cpu() if num_prefills else None
+        return SpectralQuantMetadata(
+            num_actual_tokens=cam.num_actual_tokens,
+            query_start_loc=cam.query_start_loc,
+            seq_lens=cam.seq_lens,
+            block_table=cam.block_table_tensor,
+            slot_mapping=cam.slot_mapping,
+            num_decodes=num_decodes,
+            num_decode_tokens=num_decode_tokens,
+            num_prefills=num_prefills,
+            query_start_loc_cpu=cam.query_start_loc_cpu,
+            seq_lens_cpu=seq_lens_cpu,
+        )
+
+
+class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **extra,
+    ) -> None:
+        unsupported = {
+            "ALiBi": alibi_slopes is not None,
+            "sliding-window attention": sliding_window is not None,
+            "logits soft-capping": logits_soft_cap not in (None, 0),
+            f"{getattr(attn_type, 'value', attn_type)} attention (only decoder self-attention)": attn_type != AttentionType.DECODER,
+            "KV sharing between layers": kv_sharing_target_layer_name is not None,
+            "attention sinks (learned)": extra.get("sinks") is not None,
+        }
+        bad = [name for name, hit in unsupported.items() if hit]
+        if bad:
+            raise NotImplementedError(f"SpectralQuant KV cache does not support {', '.join(bad)}")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"the SpectralQuant backend serves kv-cache dtypes {KV_CACHE_DTYPES}, got {kv_cache_dtype!r} "
+                "(layers kept at full precision are not supported yet)"
+            )
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.policy = codecs.resolve_policy(kv_cache_dtype, head_size, self.num_kv_heads)
+        self._layer: int | None = None
+
+    # The codec of this impl's layer, resolved on first use from the Attention module's name.
+    def _codec(self, layer: torch.nn.Module, device: torch.device):
+        if self._layer is None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            self._layer = extract_layer_index(layer.layer_name)
+        return codecs.layer_codec(self.policy, self._layer, self.head_size, device)
+
+    def _geometry(self, kv_cache: torch.Tensor):
+        return self.policy.geometry(self.head_size, kv_cache.shape[2])
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        if kv_cache.numel() == 0:
+            return
+        ops.store_kv(key, value, kv_cache, slot_mapping, self._codec(layer, kv_cache.device), self._geometry(kv_cache))
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None, output_block_scale=None):
+        assert output is not None, "the SpectralQuant backend writes into vLLM's output buffer"
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantisation is not supported by the SpectralQuant backend")
+        if attn_metadata is None:  # profiling / compile warm-up: no cache yet
+            return output.fill_(0)
+        md = attn_metadata
+        codec = self._codec(layer, kv_cache.device)
+        geometry = self._geometry(kv_cache)
+        if md.num_decodes:
+            nd = md.num_decode_tokens
+            ops.decode_attention(
+                query[:nd], kv_cache, md.block_table, md.seq_lens[: md.num_decodes], codec, geometry, self.scale, output[:nd]
+            )
+        if md.num_prefills:
+            self._prefills(query, key, value, kv_cache, md, codec, geometry, output)
+        return output
+
+    def _prefills(self, query, key, value, kv_cache, md, codec, geometry, output) -> None:
+        qsl = md.query_start_loc_cpu.tolist()
+        lens = md.seq_lens_cpu.tolist()
+        for r in range(md.num_decodes, md.num_decodes + md.num_prefills):
+            start, end = qsl[r], qsl[r + 1]
+            q_len, seq_len = end - start, lens[r]
+            k_new, v_new = key[start:end], value[start:end]
+            cached = seq_len - q_len
+            if cached > 0:  # continuation chunk or prefix-cache hit: cached context is packed
+                k_ctx, v_ctx = ops.gather_context(
+                    kv_cache, md.block_table[r : r + 1], md.seq_lens.new_tensor([cached]), codec, geometry
+                )
+                k_all = torch.cat([k_ctx[0].to(k_new.dtype), k_new])
+                v_all = torch.cat([v_ctx[0].to(v_new.dtype), v_new])
+            else:
+                k_all, v_all = k_new, v_new
+            output[start:end] = causal_attention(query[start:end], k_all, v_all, self.scale, cached).to(output.dtype)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, offset: int) -> torch.Tensor:
+    """q [n, Hq, D] at positions offset..offset+n-1 over k, v [offset+n, H, D] (GQA), causal."""
+    n, hq, _ = q.shape
+    g = hq // k.shape[1]
+    qh = q.transpose(0, 1)
+    kh = k.repeat_interleave(g, dim=1).transpose(0, 1)
+    vh = v.repeat_interleave(g, dim=1).transpose(0, 1)
+    if offset == 0:
+        o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+    else:
+        pos_q = torch.arange(offset, offset + n, device=q.device)
+        mask = torch.arange(k.shape[0], device=q.device)[None, :] <= pos_q[:, None]
+        o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    return o.transpose(0, 1)

@@ -1,0 +1,1 @@
+"""Quality measurements through a running vLLM server (OpenAI API): perplexity, greedy agreement, needles."""

@@ -1,0 +1,73 @@
+"""Perplexity via ``prompt_logprobs`` and greedy continuations, through vLLM's OpenAI API.
+
+Token ids travel as ids (prompts as id lists, completions with ``return_tokens_as_token_ids``),
+so nothing depends on detokenisation round trips.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+MODEL_NAME = "model"  # ServerOptions sets --served-model-name model
+
+
+def prompt_nll(client, token_ids: Sequence[int]) -> tuple[float, int]:
+    """Sum of -log p(token_i | tokens_<i) over i = 1..n-1 from vLLM's prompt_logprobs, and the count."""
+    resp = client.completions.create(
+        model=MODEL_NAME, prompt=list(token_ids), max_tokens=1, temperature=0.0, extra_body={"prompt_logprobs": 1}
+    )
+    entries = resp.choices[0].model_extra.get("prompt_logprobs") or getattr(resp.choices[0], "prompt_logprobs", None)
+    if entries is None:
+        raise RuntimeError("the server returned no prompt_logprobs")
+    total, count = 0.0, 0
+    for tok, entry in zip(token_ids[1:], entries[1:]):
+        item = entry.get(str(tok))
+        if item is None:
+            raise RuntimeError(f"prompt_logprobs lack the prompt token {tok}")
+        total -= item["logprob"] if isinstance(item, dict) else item.logprob
+        count += 1
+    return total, count
+
+
+def perplexity(client, windows: Sequence[Sequence[int]], concurrency: int = 1) -> float:
+    """exp(mean NLL) over all scored tokens of all windows."""
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        parts = list(pool.map(lambda w: prompt_nll(client, w), windows))
+    total = sum(p[0] for p in parts)
+    count = sum(p[1] for p in parts)
+    return math.exp(total / count)
+
+
+def greedy_token_ids(client, prompt, max_tokens: int) -> list[int]:
+    """Greedy completion of a text or token-id prompt, as generated token ids."""
+    resp = client.completions.create(
+        model=MODEL_NAME,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        logprobs=1,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
+    return [int(t.split(":", 1)[1]) for t in resp.choices[0].logprobs.tokens]
+
+
+def greedy_many(client, prompts: Sequence, max_tokens: int, concurrency: int = 1) -> list[list[int]]:
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(pool.map(lambda p: greedy_token_ids(client, p, max_tokens), prompts))
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def agreement(candidate: Sequence[Sequence[int]], reference: Sequence[Sequence[int]], first: int) -> float:
+    """Fraction of prompts whose first ``first`` generated tokens equal the reference's."""
+    hits = sum(common_prefix(c, r) >= min(first, len(r)) for c, r in zip(candidate, reference))
+    return hits / max(len(reference), 1)

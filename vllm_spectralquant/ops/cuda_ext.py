@@ -1,0 +1,242 @@
+"""The CUDA extension built from csrc/: torch custom ops ``torch.ops.spectralquant.{store_kv, decode_attention, gather_context}``.
+
+Built JIT (``torch.utils.cpp_extension.load``) into a persistent cache,
+``$SPECTRALQUANT_HOME/cuda-ext/<key>`` (default ``~/.cache/vllm-spectralquant/cuda-ext/<key>``), where the
+key hashes the sources, the torch version, its CUDA version and the target archs. Why JIT and not an
+install-time build: the package is pure Python (CPU CI, ``pip install`` without nvcc), and the binary
+must match the torch ABI it runs under (vLLM pins its own torch), which only the running process knows.
+A Docker image pre-builds it once, with no GPU, by running::
+
+    TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0a" python -m vllm_spectralquant.ops.cuda_ext --build
+
+Archs: ``TORCH_CUDA_ARCH_LIST`` when set; otherwise the visible GPU's (``9.0a`` on Hopper). The kernels
+use mma.sync / movmatrix / cp.async, so sm_80 and newer work. ``SPECTRALQUANT_CUDA_BUILD=0`` forbids
+building at run time (only a cached build is loaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from vllm_spectralquant.format.paged import CacheGeometry
+from vllm_spectralquant.format.params import LayerCodec
+from vllm_spectralquant.ops.kernel_codec import KernelComponent, kernel_codec, padded_dim
+from vllm_spectralquant.ops.workspace import DecodeWorkspace, default_workspace, num_splits, padded_group
+
+log = logging.getLogger(__name__)
+
+_SOURCES = ("sq_ops.cpp", "sq_store.cu", "sq_decode.cu", "sq_gather.cu")
+_HEADERS = ("sq_launch.h", "sq_device.cuh")
+DEFAULT_ARCHS = "8.0;8.6;8.9;9.0a"
+#: Shapes the CUDA decode kernel is instantiated for (csrc/sq_decode.cu, decode_supports).
+DECODE_HEAD_DIMS = (32, 64, 96, 128, 256)
+MAX_GROUP = 16
+MAX_SINK_TOKENS = 8
+# LoadMode (csrc/sq_launch.h): how a decode step stages 16 entries of one KV head.
+_REGION16, _ROW4, _BYTES = 0, 1, 2
+
+_state: dict[str, object] = {}
+
+
+def source_dir() -> Path:
+    """csrc/ next to the package (a source checkout / editable install) or inside it (a wheel)."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "csrc", here.parent / "csrc"):
+        if (candidate / "sq_ops.cpp").is_file():
+            return candidate
+    raise FileNotFoundError(f"csrc/ with the CUDA sources not found next to {here}")
+
+
+def _arch_list() -> str:
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return env
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"{major}.{minor}a" if (major, minor) == (9, 0) else f"{major}.{minor}"
+    return DEFAULT_ARCHS
+
+
+def build_dir(archs: str) -> tuple[str, Path]:
+    src = source_dir()
+    digest = hashlib.sha256()
+    for name in _SOURCES + _HEADERS:
+        digest.update((src / name).read_bytes())
+    digest.update(f"{torch.__version__}|{torch.version.cuda}|{archs}".encode())
+    name = f"spectralquant_ops_{digest.hexdigest()[:12]}"
+    home = os.environ.get("SPECTRALQUANT_HOME")
+    root = Path(home) / "cuda-ext" if home else Path.home() / ".cache" / "vllm-spectralquant" / "cuda-ext"
+    return name, root / name
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile (or reuse) and load the extension; returns its build directory."""
+    from torch.utils import cpp_extension
+
+    archs = _arch_list()
+    name, path = build_dir(archs)
+    path.mkdir(parents=True, exist_ok=True)
+    src = source_dir()
+    old = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=[str(src / s) for s in _SOURCES],
+            extra_include_paths=[str(src)],
+            extra_cflags=["-O3", "-std=c++17"],
+            extra_cuda_cflags=["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+            build_directory=str(path),
+            is_python_module=False,
+            verbose=verbose,
+        )
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = old
+    return path
+
+
+def _load() -> bool:
+    if "loaded" in _state:
+        return bool(_state["loaded"])
+    ok = False
+    try:
+        if hasattr(torch.ops, "spectralquant") and hasattr(torch.ops.spectralquant, "decode_attention"):
+            ok = True
+        else:
+            # This process's archs first, then a portable pre-build (the Docker image's default list).
+            libs = [(p / f"{n}.so") for n, p in (build_dir(_arch_list()), build_dir(DEFAULT_ARCHS))]
+            lib = next((x for x in libs if x.is_file()), None)
+            if lib is not None:
+                torch.ops.load_library(str(lib))
+                ok = True
+            elif os.environ.get("SPECTRALQUANT_CUDA_BUILD", "1") != "0":
+                log.warning("building the SpectralQuant CUDA extension into %s (once; minutes)", libs[0].parent)
+                build()
+                ok = True
+    except Exception as exc:  # noqa: BLE001 - any build/load failure means "use Triton"
+        log.warning("SpectralQuant CUDA extension unavailable: %s", exc)
+        _state["error"] = repr(exc)
+    _state["loaded"] = ok
+    return ok
+
+
+def is_available() -> bool:
+    """True when CUDA is present and the extension is built (building it now if allowed) and loadable."""
+    return torch.cuda.is_available() and _load()
+
+
+def load_error() -> str | None:
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def decode_supported(codec: LayerCodec, geometry: CacheGeometry, num_query_heads: int) -> bool:
+    group = num_query_heads // codec.num_kv_heads
+    return codec.head_dim in DECODE_HEAD_DIMS and 1 <= group <= MAX_GROUP and geometry.sink_tokens <= MAX_SINK_TOKENS
+
+
+# ---- wrappers ----------------------------------------------------------------------------------------------
+
+
+def _params(c: KernelComponent) -> list[torch.Tensor]:
+    return [c.meta, c.lut32, c.lut16, c.basis, c.basis_t, c.mean, c.scale]
+
+
+def _info(geometry: CacheGeometry, kc) -> list[int]:
+    return [
+        geometry.block_size, geometry.slot_bytes, max(geometry.sink_bytes, 1), geometry.sink_tokens,
+        kc.key.mode, kc.key.field_offset, kc.value.mode, kc.value.field_offset,
+    ]  # fmt: skip
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int32 else t.to(torch.int32)
+
+
+def load_mode(kv_cache: torch.Tensor, geometry: CacheGeometry) -> tuple[int, int]:
+    """(LoadMode, shared-memory pitch) for this cache's strides and alignment (host metadata only)."""
+    s_blk, s_head, s_tok, _ = kv_cache.stride()
+    c, s = geometry.page_slot_bytes, geometry.slot_bytes
+    ptr = kv_cache.data_ptr()
+    if geometry.block_size % 16 == 0 and s_tok == c and s_blk % 16 == 0 and s_head % 16 == 0 and ptr % 16 == 0:
+        return _REGION16, c
+    pitch = -(-s // 4) * 4
+    pitch += 4 if (pitch // 4) % 2 == 0 else 0  # an odd number of words: rows start in different banks
+    if c % 4 == 0 and s_tok % 4 == 0 and s_blk % 4 == 0 and s_head % 4 == 0 and ptr % 4 == 0:
+        return _ROW4, pitch
+    return _BYTES, pitch
+
+
+def store_kv(key, value, kv_cache, slot_mapping, codec: LayerCodec, geometry: CacheGeometry) -> None:
+    """See ``ops.dispatch.store_kv``."""
+    kc = kernel_codec(codec, kv_cache.device)
+    key = key if key.stride(2) == 1 else key.contiguous()
+    value = value if value.stride(2) == 1 else value.contiguous()
+    slots = slot_mapping if slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous() else slot_mapping.long().contiguous()
+    torch.ops.spectralquant.store_kv(
+        key, value, kv_cache, slots, kc.pad_start, _params(kc.key), _params(kc.value), _info(geometry, kc)
+    )
+
+
+def decode_attention(
+    query, kv_cache, block_table, seq_lens, codec: LayerCodec, geometry: CacheGeometry, softmax_scale: float, out,
+    workspace: DecodeWorkspace | None = None,
+) -> None:  # fmt: skip
+    """See ``ops.dispatch.decode_attention``. Capture-safe when ``workspace`` is given (or already large enough)."""
+    bsz = seq_lens.shape[0]
+    if bsz == 0:
+        return
+    kc = kernel_codec(codec, kv_cache.device)
+    h, d, hq = kc.num_kv_heads, kc.head_dim, query.shape[1]
+    splits = num_splits(bsz, h, block_table.shape[1] * geometry.block_size, kv_cache.device)
+    ws = workspace if workspace is not None else default_workspace(kv_cache.device)
+    views = ws.views(bsz, hq, h, d, splits, grow=workspace is None)
+    mode, pitch = load_mode(kv_cache, geometry)
+    info = _info(geometry, kc) + [splits, padded_dim(d), padded_group(hq // h), mode, pitch]
+    torch.ops.spectralquant.decode_attention(
+        query, kv_cache, _int32(block_table), _int32(seq_lens), _params(kc.key), _params(kc.value),
+        views.w16, views.wpar, views.part_o, views.part_ml, out, float(softmax_scale), info,
+    )  # fmt: skip
+
+
+def gather_context(kv_cache, block_table, seq_lens, codec: LayerCodec, geometry: CacheGeometry):
+    """See ``ops.dispatch.gather_context`` (the output shape needs max(seq_lens): one host sync)."""
+    kc = kernel_codec(codec, kv_cache.device)
+    bsz = seq_lens.shape[0]
+    max_len = int(seq_lens.max()) if bsz else 0
+    k_out = torch.empty(bsz, max_len, kc.num_kv_heads, kc.head_dim, dtype=torch.float32, device=kv_cache.device)
+    v_out = torch.empty_like(k_out)
+    if bsz and max_len:
+        torch.ops.spectralquant.gather_context(
+            kv_cache, _int32(block_table), _int32(seq_lens), _params(kc.key), _params(kc.value), k_out, v_out,
+            _info(geometry, kc),
+        )  # fmt: skip
+    return k_out, v_out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--build", action="store_true", help="compile the extension into the persistent cache")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.build:
+        parser.print_help()
+        return 0
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+    path = build(verbose=args.verbose)
+    print(f"built {path} for TORCH_CUDA_ARCH_LIST={_arch_list()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""A managed ``vllm serve`` process on 127.0.0.1: start, wait until healthy, read its log, stop.
+
+Used by the demo, ``spectralquant eval`` and the end-to-end tests. Importing this module does not
+import vLLM (the server is a separate process).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KV_CAPACITY_RE = re.compile(r"KV cache size: ([\d,]+) tokens")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_command() -> list[str]:
+    """``vllm`` of this Python environment, or the module entry point when the script is missing."""
+    script = Path(sys.executable).with_name("vllm")
+    if script.exists():
+        return [str(script), "serve"]
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+
+
+@dataclass
+class ServerOptions:
+    model: Path
+    kv_cache_dtype: str = "auto"
+    artifact: Path | None = None
+    dtype: str = "float32"  # CPUs without AVX-512-bf16 run bf16 matmuls ~100x slower
+    max_model_len: int = 2048
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = True
+    sink_tokens: int | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    def args(self) -> list[str]:
+        a = [str(self.model), "--dtype", self.dtype, "--max-model-len", str(self.max_model_len), "--served-model-name", "model"]
+        if self.kv_cache_dtype != "auto":
+            a += ["--kv-cache-dtype", self.kv_cache_dtype]
+            if self.kv_cache_dtype.startswith("spectralquant_"):
+                a += ["--attention-backend", "CUSTOM"]
+                opts = {}
+                if self.artifact is not None:
+                    opts["artifact"] = str(self.artifact)
+                if self.sink_tokens is not None:
+                    opts["sink_tokens"] = self.sink_tokens
+                if opts:
+                    import json
+
+                    a += ["--additional-config", json.dumps({"spectralquant": opts})]
+        if self.max_num_batched_tokens:
+            a += ["--max-num-batched-tokens", str(self.max_num_batched_tokens)]
+        if self.max_num_seqs:
+            a += ["--max-num-seqs", str(self.max_num_seqs)]
+        a += ["--enable-prefix-caching" if self.enable_prefix_caching else "--no-enable-prefix-caching"]
+        if self.enforce_eager:
+            a += ["--enforce-eager"]
+        return a + list(self.extra_args)
+
+
+class VllmServer:
+    """``with VllmServer(opts) as srv: srv.base_url ...`` — the process is stopped on exit."""
+
+    def __init__(self, opts: ServerOptions, *, startup_timeout: float = 600.0, log_path: Path | None = None):
+        self.opts = opts
+        self.port = free_port()
+        self.startup_timeout = startup_timeout
+        self._own_log = log_path is None
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> VllmServer:
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.opts.kv_cache_gib))
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        cmd = vllm_command() + self.opts.args() + ["--host", "127.0.0.1", "--port", str(self.port)]
+        with open(self.log_path, "wb") as log:
+            # A new session, so stop() can signal the engine core and workers too.
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with code {self.proc.returncode}:\n{self.log_tail()}")
+            if self.healthy():
+                return self
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"vllm serve was not healthy after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def kv_capacity_tokens(self) -> int | None:
+        """The KV capacity vLLM logged at startup ("... KV cache size: N tokens")."""
+        m = KV_CAPACITY_RE.search(self.log())
+        return int(m.group(1).replace(",", "")) if m else None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+
+    def __enter__(self) -> VllmServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        if self._own_log and exc[0] is None:
+            self.log_path.unlink(missing_ok=True)
