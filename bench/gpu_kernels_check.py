@@ -111,6 +111,8 @@ def check_case(case, impl: str, layout: str, device: torch.device) -> dict:
     written = cache.clone()
     mod.store_kv(key, value, written, slots, codec, geo)
     row["store_mismatch"] = (written != expected).float().mean().item()
+    if row["store_mismatch"] > 0:
+        row["store_diagnosis"] = store_diagnosis(written, expected, key, value, slots, batch.kv_cache, codec, geo)
 
     # decode (fp32 and bf16 query/output)
     scale = d**-0.5
@@ -140,6 +142,35 @@ def check_case(case, impl: str, layout: str, device: torch.device) -> dict:
     return row
 
 
+def store_diagnosis(written, expected, key, value, slots, original, codec, geo) -> dict:
+    """Where a kernel's store differs from the reference: byte columns, a sample, the CPU reference, decoded values."""
+    from vllm_spectralquant.format.codec import decode_slots
+
+    diff = written != expected
+    cols = torch.nonzero(diff)[:, 3].bincount(minlength=geo.page_slot_bytes)
+    top = [(int(c), int(cols[c])) for c in cols.argsort(descending=True)[:10] if cols[c] > 0]
+    sel = slots[slots >= 0]
+    blk, off = sel // geo.block_size, sel % geo.block_size
+    got, want = written[blk, :, off, : geo.slot_bytes], expected[blk, :, off, : geo.slot_bytes]
+    first = torch.nonzero((got != want).any(-1))
+    sample = {}
+    if len(first):
+        i, h = (int(x) for x in first[0])
+        sample = {"got": got[i, h, :12].tolist(), "want": want[i, h, :12].tolist()}
+    cpu_expected = original.cpu().clone()
+    reference_store(key.cpu(), value.cpu(), cpu_expected, slots.cpu(), codec.to("cpu"), geo, strict=False)
+    k_got, v_got = decode_slots(got.contiguous(), codec)
+    k_want, v_want = decode_slots(want.contiguous(), codec)
+    return {
+        "differing_columns": top,
+        "sample_head_token": sample,
+        "mismatch_vs_cpu_reference": (written.cpu() != cpu_expected).float().mean().item(),
+        "gpu_vs_cpu_reference": (expected.cpu() != cpu_expected).float().mean().item(),
+        "decoded_rel_k": rel_err(k_got, k_want),
+        "decoded_rel_v": rel_err(v_got, v_want),
+    }
+
+
 def diagnose(batch, cache, codec, geo, scale, hq) -> dict:
     """Compare the CUDA and Triton intermediates (same workspace layout) to find the failing stage."""
     from vllm_spectralquant.ops import cuda_ext, triton_kernels
@@ -162,6 +193,29 @@ def diagnose(batch, cache, codec, geo, scale, hq) -> dict:
         "part_l_rel": rel_err(cv.part_ml[..., :g, 1], tv.part_ml[..., :g, 1]),
         "part_o_rel": rel_err(cv.part_o[..., :g, :d], tv.part_o[..., :g, :d]),
     }
+
+
+def nonfinite_store_check(impl: str, device: torch.device) -> dict:
+    """Non-finite K/V are saturated first (NaN -> 0, +-inf -> +-65504): bytes equal the reference's, sinks included."""
+    from vllm_spectralquant.format import CacheGeometry
+
+    mod = impl_module(impl)
+    out = {}
+    for name in ("sq3bit", "tq3bit"):
+        seed = fresh_seed()
+        codec = random_codec(PRESETS[name], 64, 2, seed=seed).to(device)
+        geo = CacheGeometry.for_codec(codec, 16, 1)
+        key = torch.randn(4, 2, 64, device=device)
+        key[0, 0, 3], key[1, 1, 0], key[2, 0, 5] = float("nan"), float("inf"), float("-inf")
+        value = torch.randn(4, 2, 64, device=device)
+        value[3, 1, 7] = float("nan")
+        slots = torch.tensor([16, 2, 0, 5], device=device)
+        expected = torch.zeros(2, 2, 16, geo.page_slot_bytes, dtype=torch.uint8, device=device)
+        written = expected.clone()
+        reference_store(key, value, expected, slots, codec, geo, strict=False)
+        mod.store_kv(key, value, written, slots, codec, geo)
+        out[name] = {"seed": seed, "bytes_differing": int((written != expected).sum())}
+    return out
 
 
 def graph_capture_check(device: torch.device) -> dict:
@@ -206,6 +260,7 @@ def sanitize(device: torch.device) -> None:
     """Small CUDA calls for compute-sanitizer: every load mode, both head-dim paths, both GQA tiles."""
     from vllm_spectralquant.ops import cuda_ext
 
+    assert cuda_ext.is_available(), cuda_ext.load_error()
     for name, d, h, g, bs, sink, lens in [
         ("sq2_5bit", 128, 2, 4, 16, 1, [1, 40, 70]),
         ("tq3bit", 64, 1, 16, 32, 2, [33, 2]),
@@ -224,13 +279,51 @@ def sanitize(device: torch.device) -> None:
     print("sanitize calls done")
 
 
+def summarize(out: Path) -> None:
+    """The lines worth reading from a finished run: check summary, sanitizer verdicts, goal rows, ncu highlights."""
+    check = out / "kernels_check.json"
+    if check.exists():
+        rep = json.loads(check.read_text())
+        print("CHECK", json.dumps(rep.get("summary")), "graph:", json.dumps(rep.get("graph_capture")))
+        for row in rep.get("cases", []):
+            if not row.get("ok", True) and "skipped" not in row:
+                print("FAILED", json.dumps({k: v for k, v in row.items() if k != "error"})[:900], row.get("error", "")[-600:])
+    for tool in ("memcheck", "racecheck"):
+        log = out / f"{tool}.log"
+        if log.exists():
+            lines = log.read_text().splitlines()
+            print(tool.upper(), *[x for x in lines if "ERROR SUMMARY" in x or "exit" in x or "Error" in x][:6])
+    bench = out / "decode_attention.json"
+    if bench.exists():
+        rep = json.loads(bench.read_text())
+        rows = [r for r in rep["results"] if "time_us" in r]
+        print(f"BENCH {len(rows)} timings, {sum('error' in r for r in rep['results'])} errors")
+        for r in rows:
+            if r["batch"] == 32 and r["context"] == 32768:
+                print(f"  d{r['head_dim']} {r['preset']:>9} {r['impl']:>6} {r['time_us']:9.1f} us  {r['achieved_gbps']:6.0f} GB/s"
+                      f"  x{r['speedup_vs_bf16']:.2f}  store {r.get('store_time_us', float('nan')):.1f} us")  # fmt: skip
+    ncu = out / "ncu_goal.txt"
+    if ncu.exists():
+        keys = ("Duration", "Memory Throughput", "DRAM Throughput", "Compute (SM) Throughput", "Achieved Occupancy",
+                "Registers Per Thread", "Issue Slots Busy", "Executed Ipc Active", "L1/TEX Hit", "Mem Pipes Busy")  # fmt: skip
+        for line in ncu.read_text().splitlines():
+            if any(k in line for k in keys):
+                print("NCU", line.strip())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--sanitize", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="CPU rehearsal: Triton interpreter, tiny cases")
+    ap.add_argument("--impls", default="cuda,triton", help="implementations to check")
+    ap.add_argument("--only", default="", help="check only cases whose preset contains this string")
+    ap.add_argument("--summarize", action="store_true", help="print the short summary of a finished run in --out")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
+    if args.summarize:
+        summarize(Path(args.out))
+        return 0
     device = torch.device("cpu" if args.dry_run else "cuda")
     if args.sanitize:
         sanitize(device)
@@ -243,8 +336,8 @@ def main() -> int:
         report["triton"] = triton.__version__
     except ImportError:
         pass
-    impls = ["triton"]
-    if device.type == "cuda":
+    impls = ["triton"] if "triton" in args.impls else []
+    if device.type == "cuda" and "cuda" in args.impls:
         from vllm_spectralquant.ops import cuda_ext
 
         t0 = time.time()
@@ -256,7 +349,7 @@ def main() -> int:
             print(report["cuda_build_error"])
         report["cuda_build_s"] = round(time.time() - t0, 1)
         print(f"cuda build: {report['cuda_build_s']} s, ok={'cuda' in impls}", flush=True)
-    cases = DRY_CASES if args.dry_run else GPU_CASES
+    cases = [c for c in (DRY_CASES if args.dry_run else GPU_CASES) if args.only in c[0]]
     rows = []
     for case in cases:
         for impl in impls:
@@ -271,6 +364,12 @@ def main() -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     report["cases"] = rows
+    for impl in impls:
+        try:
+            report[f"nonfinite_store_{impl}"] = nonfinite_store_check(impl, device)
+        except Exception:  # noqa: BLE001
+            report[f"nonfinite_store_{impl}"] = {"error": traceback.format_exc()[-2000:]}
+        print(f"non-finite store ({impl}):", json.dumps(report[f"nonfinite_store_{impl}"]), flush=True)
     if "cuda" in impls:
         try:
             report["graph_capture"] = graph_capture_check(device)
@@ -288,6 +387,10 @@ def main() -> int:
             "max_gather_rel": max((r.get("gather_rel", float("inf")) for r in mine), default=None),
             "max_store_mismatch": max((r.get("store_mismatch", float("inf")) for r in mine), default=None),
         }
+        summary[impl]["decode_ok"] = all(r.get("decode_rel", float("inf")) < DECODE_TOL for r in mine)
+        nonfinite = report.get(f"nonfinite_store_{impl}", {})
+        summary[impl]["nonfinite_store_ok"] = all(v.get("bytes_differing", 1) == 0 for v in nonfinite.values()) if nonfinite else None
+        summary[impl]["failed"] += 0 if summary[impl]["nonfinite_store_ok"] else 1
     report["summary"] = summary
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -49,10 +49,25 @@ __device__ __forceinline__ float fp16_round(float x) {
   return __half2float(__float2half_rn(fminf(fmaxf(x, -65504.f), 65504.f)));
 }
 
+// fp16 bit pattern of a float that fp16 represents exactly (zero, subnormal or normal), integer-only.
+// Why not __half_as_ushort(__float2half_rn(x)): on sm_90a with CUDA 13.0 the cvt.rn.f16.f32 result stored
+// byte-wise (st.global.u8) came out of the GPU as the float converted to an integer (35.97 -> 35) in the
+// low byte, while the same PTX pattern for bf16 was right (bench/gpu_kernels_check.py, 2026-11-28).
+__device__ __forceinline__ uint32_t fp16_bits_exact(float x) {
+  const uint32_t u = __float_as_uint(x);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  if ((u & 0x7FFFFFFFu) == 0) return sign;
+  const int exp = static_cast<int>((u >> 23) & 0xFFu) - 127;
+  const uint32_t mant = u & 0x7FFFFFu;
+  if (exp >= -14) return sign | (static_cast<uint32_t>(exp + 15) << 10) | (mant >> 13);
+  return sign | ((mant | 0x800000u) >> (-exp - 1));  // subnormal: m * 2^-24
+}
+
+// Store x as a little-endian fp16 token field (rounded to nearest even, clamped to the finite range).
 __device__ __forceinline__ void put_fp16(uint8_t* p, float x) {
-  const unsigned short b = __half_as_ushort(__float2half_rn(x));
-  p[0] = static_cast<uint8_t>(b & 0xFF);
-  p[1] = static_cast<uint8_t>(b >> 8);
+  const uint32_t b = fp16_bits_exact(fp16_round(x));
+  p[0] = static_cast<uint8_t>(b & 0xFFu);
+  p[1] = static_cast<uint8_t>((b >> 8) & 0xFFu);
 }
 
 // Byte i of the sink spill of the (block, head) whose offset-0 entry is `entry`.

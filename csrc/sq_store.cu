@@ -5,7 +5,7 @@
 // the token scale, pick the nearest level by binary search over midpoints, pack each group's 8 codes
 // into its `bits` bytes, write the fp16 fields; tokens at block offsets < sink_tokens also write
 // their exact bf16 copy into the block's sink spill. Slot padding bytes are zeroed. Tokens whose
-// slot is -1 are skipped. No host synchronisation; grid depends only on N and H.
+// slot is -1 are skipped. Non-finite input is saturated first (NaN -> 0, +-inf -> +-65504). No host synchronisation; grid depends only on N and H.
 #include "sq_device.cuh"
 
 namespace sq {
@@ -36,7 +36,11 @@ __device__ void encode_component(const StoreArgs& a, const Component& comp, cons
     const int t = i / D, d = i % D;
     float v = 0.f;
     if (rows.entry[t] >= 0) {
-      const float raw = load_float(x, static_cast<int64_t>(t0 + t) * s_t + static_cast<int64_t>(h) * s_h + d, a.dtype);
+      float raw = load_float(x, static_cast<int64_t>(t0 + t) * s_t + static_cast<int64_t>(h) * s_h + d, a.dtype);
+      // Non-finite input is saturated first, as an fp16 cache would hold it (format.codec.saturate):
+      // NaN -> 0, +-inf -> +-65504, for the codes and the exact sink copy alike.
+      if (raw != raw) raw = 0.f;
+      if (isinf(raw)) raw = copysignf(65504.f, raw);
       v = raw - mean[d];
       if (rows.offset[t] < c.sink_tokens) {
         const unsigned short b = __bfloat16_as_ushort(__float2bfloat16_rn(raw));
@@ -120,9 +124,6 @@ __device__ void encode_component(const StoreArgs& a, const Component& comp, cons
     } else {
       u = r;
     }
-    // Non-finite input: NaN -> the level nearest 0, +-inf -> the extreme levels.
-    if (u != u) u = 0.f;
-    u = fminf(fmaxf(u, -1e30f), 1e30f);
     const int4 m = meta[e / kGroup];
     const int code = nearest_level(u, lut + m.y, m.w);
     codes[i] = static_cast<uint8_t>(code);
@@ -138,9 +139,7 @@ __device__ void encode_component(const StoreArgs& a, const Component& comp, cons
       sum_sq = warp_sum(sum_sq);
       if (lane == 0) {
         const float lv = sqrtf(sum_sq);
-        float s = lv > 0.f ? __fdiv_rn(rows.norm[t], lv) : 0.f;
-        if (s != s) s = 0.f;
-        rows.s[t] = fp16_round(s);
+        rows.s[t] = fp16_round(lv > 0.f ? __fdiv_rn(rows.norm[t], lv) : 0.f);
       }
     }
     __syncthreads();

@@ -212,3 +212,33 @@ def test_cpu_routing_only_when_asked():
         CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CPU_ATTN, cfg("spectralquant_sq3bit"))
     with pytest.raises(ValueError, match="cannot serve this model: .*head_size"):
         CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, cfg("spectralquant_sq3bit", head_size=20))
+
+
+def test_nonfinite_kv_at_runtime_stays_in_its_sequence(use_config, tiny_calib_model_dir):
+    """K/V with NaN/inf in one sequence: the cache stays finite and other sequences are unaffected."""
+    from vllm_spectralquant import ops
+
+    use_config(_fake_config(tiny_calib_model_dir))
+    impl = _impl("spectralquant_tq3bit")
+    layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
+    geo = impl.policy.geometry(32, 16)
+    codec = codecs.layer_codec(impl.policy, 0, 32, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(40, 2, 32, generator=gen)
+    v = torch.randn(40, 2, 32, generator=gen)
+    bad_k, bad_v = k.clone(), v.clone()
+    bad_k[0, 1, 3] = float("nan")  # the sink token of sequence 0
+    bad_k[5, 0, :] = float("inf")
+    bad_v[7, 1, 2] = float("-inf")
+    slots = torch.cat([torch.arange(20), 32 + torch.arange(20)])  # seq 0 in block 0-1, seq 1 in blocks 2-3
+    bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    q = torch.randn(2, 4, 32, generator=gen)
+    outs = []
+    for kk, vv in ((k, v), (bad_k, bad_v)):
+        cache = torch.zeros(4, 2, 16, geo.page_slot_bytes, dtype=torch.uint8)
+        impl.do_kv_cache_update(layer, kk, vv, cache, slots)
+        out = torch.empty(2, 4, 32)
+        ops.decode_attention(q, cache, bt, torch.tensor([20, 20], dtype=torch.int32), codec, geo, impl.scale, out)
+        outs.append(out)
+    assert torch.isfinite(outs[1]).all()
+    assert torch.equal(outs[0][1], outs[1][1])  # sequence 1 never saw sequence 0's bad values

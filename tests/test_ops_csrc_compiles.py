@@ -65,3 +65,16 @@ def test_torch_binding_compiles_against_torch_headers(tmp_path):
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-6000:]
+
+
+def test_fp16_fields_are_not_stored_from_a_cvt_register(tmp_path):
+    """Regression guard: sq_store.cu must not st.u8 a cvt.rn.f16.f32 result (came out float-to-int on sm_90a, CUDA 13.0)."""
+    ptx = tmp_path / "sq_store.ptx"
+    cmd = [NVCC, "-ptx", "-std=c++17", "-O3", "-D__CUDA_NO_HALF_CONVERSIONS__", "-gencode=arch=compute_90a,code=sm_90a",
+           f"-I{CSRC}", "-o", str(ptx), str(CSRC / "sq_store.cu")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = ptx.read_text()
+    fp16_regs = set(re.findall(r"cvt\.rn\.f16\.f32\s+(%rs\d+)", text))
+    stored = set(re.findall(r"st\.global\.u8\s+\[[^\]]+\],\s*(%rs\d+)", text))
+    assert not fp16_regs & stored, f"fp16 conversion results stored byte-wise: {sorted(fp16_regs & stored)}"

@@ -121,18 +121,21 @@ def test_triton_matches_reference(case, layout):
 
 
 @interpreted
-def test_store_nonfinite_input_is_defined():
-    """NaN -> the level nearest 0, inf -> the extreme level, exactly as the reference (SpectralQuant layout)."""
+@pytest.mark.parametrize("name", ["sq3bit", "tq3bit"])
+def test_store_nonfinite_input_is_defined(name):
+    """Non-finite input is saturated first (NaN -> 0, +-inf -> +-65504), codes and exact sink copy alike."""
     from vllm_spectralquant.ops import triton_kernels
 
     seed = _fresh_seed()
-    codec = random_codec(PRESETS["sq3bit"], 32, 1, seed=seed)
+    codec = random_codec(PRESETS[name], 32, 1, seed=seed)
     geo = CacheGeometry.for_codec(codec, 16, 1)
-    key = torch.randn(4, 1, 32)
+    gen = torch.Generator().manual_seed(seed)
+    key = torch.randn(4, 1, 32, generator=gen)
     key[0, 0, 3], key[1, 0, 0], key[2, 0, 5] = float("nan"), float("inf"), float("-inf")
-    value = torch.randn(4, 1, 32)
-    slots = torch.tensor([1, 2, 3, 4])  # no sink offsets: the exact spill would keep the NaN
-    expected = torch.zeros(1, 1, 16, geo.page_slot_bytes, dtype=torch.uint8)
+    value = torch.randn(4, 1, 32, generator=gen)
+    value[3, 0, 7] = float("nan")
+    slots = torch.tensor([16, 2, 0, 5])  # offsets 0: exact sink copies of the inf and NaN tokens
+    expected = torch.zeros(2, 1, 16, geo.page_slot_bytes, dtype=torch.uint8)
     written = expected.clone()
     reference_store(key, value, expected, slots, codec, geo, strict=False)
     triton_kernels.store_kv(key, value, written, slots, codec, geo)

@@ -190,3 +190,61 @@ def test_server_log_shows_our_backend(server):
     log = server.log()
     assert "SpectralQuant: loaded artifact" in log
     assert "Cannot use" not in log  # the CPU platform did not fall back to CPU_ATTN
+
+
+def test_load_200_requests_16_in_flight(server, texts):
+    """Mixed lengths, streaming and not, chat and completions, some streams dropped mid-way: every
+    completed response is well-formed and the server stays healthy (issue 7, reliability)."""
+    import httpx
+
+    words = texts["long_prompt"].split()
+    client = _client(server)
+
+    def one(i: int) -> str:
+        n_words = [1, 5, 20, 60, 150][i % 5]
+        prompt = " ".join(words[i % 40 : i % 40 + n_words])
+        max_tokens = [1, 4, 12, 24][i % 4]
+        kind = i % 4
+        if kind == 0:  # plain completion
+            r = client.completions.create(model="model", prompt=prompt, max_tokens=max_tokens, temperature=0.7, seed=i)
+            assert r.choices[0].finish_reason in ("stop", "length") and isinstance(r.choices[0].text, str)
+            assert r.usage.completion_tokens <= max_tokens
+            return "ok"
+        if kind == 1:  # chat
+            r = client.chat.completions.create(model="model", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens)
+            assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.role == "assistant"
+            return "ok"
+        stream = client.completions.create(model="model", prompt=prompt, max_tokens=max_tokens + 8, stream=True)
+        if kind == 2:  # streamed to the end
+            pieces, finish = [], None
+            for chunk in stream:
+                if chunk.choices:
+                    pieces.append(chunk.choices[0].text)
+                    finish = chunk.choices[0].finish_reason or finish
+            assert finish in ("stop", "length") and all(isinstance(p, str) for p in pieces)
+            return "ok"
+        for n, _ in enumerate(stream):  # cancelled mid-stream: the client hangs up
+            if n == 1:
+                stream.close()
+                break
+        return "cancelled"
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        outcomes = list(pool.map(one, range(200)))
+    assert outcomes.count("ok") == 150 and outcomes.count("cancelled") == 50
+    assert server.healthy()
+    assert httpx.get(server.base_url + "/v1/models", timeout=10).status_code == 200
+    # And it still answers greedy requests as before the load.
+    assert greedy_token_ids(client, "The capital of France is", 4)
+
+
+def test_context_overflow_gets_vllms_error(server):
+    import openai
+
+    client = _client(server)
+    with pytest.raises(openai.BadRequestError, match="(?i)context|max_model_len|maximum|too long"):
+        client.completions.create(model="model", prompt="hello " * 1500, max_tokens=1000)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="model", prompt="hello " * 3000, max_tokens=4)
+    assert server.healthy()
+    assert greedy_token_ids(client, "The capital of France is", 4)

@@ -51,6 +51,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         device=args.device,
     )
+    if args.key_weight is not None:
+        cfg.key_weight = args.key_weight
     columns = (TextColumn("calibrating"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} tokens"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, transient=True, disable=args.quiet) as bar:
@@ -82,6 +84,31 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vllm_spectralquant.evaluation import report
+    from vllm_spectralquant.evaluation.run import EvalConfig, evaluate
+
+    cfg = EvalConfig(model_dir=args.model_dir, artifact=args.artifact, presets=args.presets, corpus=args.corpus)
+    if args.quick:
+        cfg.ppl_windows, cfg.ppl_window_tokens, cfg.greedy_prompts, cfg.greedy_tokens = 2, 512, 4, 16
+        cfg.needle_lengths, cfg.needle_depths = [1024], (0.25, 0.75)
+    for name in ("ppl_windows", "prefill_chunk", "kv_cache_gib", "dtype"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.needle_lengths:
+        cfg.needle_lengths = args.needle_lengths
+    result = evaluate(cfg, log=lambda line: print(line, flush=True))
+    out_json = args.json or Path("spectralquant-eval.json")
+    md = out_json.with_suffix(".md")
+    png = out_json.with_suffix(".png")
+    report.write(result, out_json, md, png)
+    print()
+    print(report.markdown(result))
+    print(f"wrote {out_json}, {md}, {png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spectralquant", description="SpectralQuant KV cache for vLLM")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,9 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=1, help="Ray workers (default: 1 = in this process)")
     p.add_argument("--ray-address", help="join a running Ray cluster (HOST:PORT or auto)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--key-weight", type=float,
+                   help="keys' bit-allocation weight relative to the attention-error cost model (default: 0.5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("eval", help="quality report through vLLM: perplexity, needles, greedy agreement, capacity")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--artifact", type=Path, help="artifact folder (default: MODEL_DIR/spectralquant)")
+    p.add_argument("--presets", nargs="+", help="presets to compare with the uncompressed cache (default: all)")
+    p.add_argument("--corpus", type=Path, help="UTF-8 text file or folder (default: lee_background)")
+    p.add_argument("--json", type=Path, help="output JSON (default: spectralquant-eval.json; .md and .png beside it)")
+    p.add_argument("--ppl-windows", type=int, help="held-out windows for perplexity (default: 8)")
+    p.add_argument("--prefill-chunk", type=int, help="prefill chunk = --max-num-batched-tokens (default: 128)")
+    p.add_argument("--needle-lengths", type=int, nargs="+", help="needle context lengths (default: 1k, half, full context)")
+    p.add_argument("--kv-cache-gib", type=int, help="KV cache memory per server on CPU (default: 2)")
+    p.add_argument("--dtype", help="serving dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--quick", action="store_true", help="a few minutes: 2 windows, 4 prompts, 2 needles at 1k")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("inspect", help="verify and summarise an artifact")
     p.add_argument("artifact", type=Path, help="artifact folder")

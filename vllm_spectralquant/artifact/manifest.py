@@ -70,6 +70,7 @@ class CorpusInfo(_Strict):
     window: int = Field(gt=1)
     max_position: int = Field(gt=1)
     skip_first_tokens: int = Field(ge=0)
+    key_weight: float = Field(default=1.0, gt=0)  # bit-allocation weight of keys vs the cost model
 
 
 class PresetEntry(_Strict):

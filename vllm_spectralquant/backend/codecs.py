@@ -123,6 +123,10 @@ def resolve_policy(kv_cache_dtype: str, head_dim: int, num_kv_heads_local: int) 
             logger.info("SpectralQuant: loaded artifact %s (preset %s, %d layers)", path, preset.name, model_fp.num_layers)
         total_kv = model_fp.num_kv_heads
         _policy = ServingPolicy(preset, sink_tokens, artifact, _tp_slice(num_kv_heads_local, total_kv), num_kv_heads_local)
+        logger.info(
+            "SpectralQuant backend: %s (%s layout), %d B per head-token + exact sink tokens: %d",
+            preset.kv_cache_dtype, preset.method, preset.slot_bytes(head_dim), sink_tokens,
+        )
         return _policy
 
 

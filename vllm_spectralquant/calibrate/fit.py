@@ -128,7 +128,13 @@ def group_weights(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(h, d // GROUP_SIZE, GROUP_SIZE).sum(-1)
 
 
-def fit_codec(basis: LayerBasis, codebooks: LayerCodebooks, preset: Preset, key_weight_scale: float = 1.0) -> LayerCodec:
+#: Keys' importance relative to the cost model. Measured on SmolLM2-135M (held-out perplexity with every
+#: position quantised, sq2_5bit): 1.0 -> +23.3 %, 0.5 -> +18.8 %, 0.25 -> +18.7 %, 0.1 -> +33.7 %; the cost
+#: model overweights key errors by about 2x. Choosing it per layer by attention-output error did worse (+20 %).
+DEFAULT_KEY_WEIGHT = 0.5
+
+
+def fit_codec(basis: LayerBasis, codebooks: LayerCodebooks, preset: Preset, key_weight_scale: float = DEFAULT_KEY_WEIGHT) -> LayerCodec:
     """The SpectralQuant codec of one layer for ``preset``.
 
     ``key_weight_scale`` multiplies the keys' importance against the values' (1 = the cost model).

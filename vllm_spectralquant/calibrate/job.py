@@ -27,6 +27,7 @@ from vllm_spectralquant.artifact.manifest import CorpusInfo, PresetEntry, preset
 from vllm_spectralquant.artifact.store import check_destination, default_artifact_dir, write_artifact
 from vllm_spectralquant.calibrate.collect import AttentionShape, ModelStats
 from vllm_spectralquant.calibrate.errors import CalibrationError
+from vllm_spectralquant.calibrate.fit import DEFAULT_KEY_WEIGHT
 from vllm_spectralquant.calibrate.pipeline import ModelFit, collect_in_process, fit_model
 from vllm_spectralquant.corpus import corpus_sha256, read_corpus, tokenize_corpus
 from vllm_spectralquant.format.presets import PRESETS, Preset
@@ -52,6 +53,7 @@ class CalibrationConfig:
     device: str = "auto"
     batch_size: int = 4
     skip_first: int = 1
+    key_weight: float = DEFAULT_KEY_WEIGHT  # keys' bit-allocation weight relative to the cost model
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
@@ -107,6 +109,8 @@ def prepare_windows(cfg: CalibrationConfig, tokenizer, max_context: int) -> tupl
     """Token windows [N, window] from the corpus, their position offsets, and the corpus record."""
     text = read_corpus(cfg.corpus)
     ids = tokenize_corpus(tokenizer, text)
+    if not cfg.key_weight > 0:
+        raise CalibrationError(f"--key-weight must be positive, got {cfg.key_weight}")
     if cfg.window < 2 or cfg.tokens < cfg.window:
         raise CalibrationError(f"--tokens ({cfg.tokens}) must be at least the window ({cfg.window}) and the window at least 2")
     num = math.ceil(cfg.tokens / cfg.window)
@@ -129,6 +133,7 @@ def prepare_windows(cfg: CalibrationConfig, tokenizer, max_context: int) -> tupl
         window=cfg.window,
         max_position=max_position,
         skip_first_tokens=cfg.skip_first,
+        key_weight=cfg.key_weight,
     )
     return windows, window_offsets(num, cfg.window, max_position), info
 
@@ -196,7 +201,7 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
     seconds["statistics"] = stats.stats_seconds
 
     t2 = time.perf_counter()
-    fit = fit_model(stats, shape, presets)
+    fit = fit_model(stats, shape, presets, key_weight_scale=cfg.key_weight)
     seconds["fit"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
@@ -322,15 +327,18 @@ __all__ = ["ArtifactError", "CalibrationConfig", "CalibrationError", "Calibratio
 
 
 def ensure_calibrated(model_dir: Path | str, *, tokens: int = 16384, out_dir: Path | None = None) -> Path:
-    """The model's artifact: reused when it verifies against the model, else calibrated (replacing it)."""
+    """The model's artifact: reused when it verifies against the model and was fitted with this
+    package's defaults and at least ``tokens`` tokens, else calibrated (replacing it)."""
     from vllm_spectralquant.artifact import fingerprint_of, load_artifact
 
     model_dir = Path(model_dir)
     out = Path(out_dir) if out_dir is not None else default_artifact_dir(model_dir)
     if out.exists():
         try:
-            load_artifact(out, expect=fingerprint_of(model_dir))
-            return out
+            corpus = load_artifact(out, expect=fingerprint_of(model_dir)).manifest.corpus
+            if corpus.key_weight == DEFAULT_KEY_WEIGHT and corpus.tokens >= tokens:
+                return out
+            logger.warning("recalibrating %s: fitted with other settings", out)
         except ArtifactError as e:
             logger.warning("recalibrating: %s", e)
     return calibrate(CalibrationConfig(model_dir=model_dir, out_dir=out, tokens=tokens, overwrite=True)).artifact

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import torch
 
 from vllm_spectralquant.calibrate.collect import AttentionShape, ModelStats, collect_batch, histograms_from_samples
-from vllm_spectralquant.calibrate.fit import LayerBasis, LayerCodebooks, fit_basis, fit_codebooks, fit_codec
+from vllm_spectralquant.calibrate.fit import (
+    DEFAULT_KEY_WEIGHT,
+    LayerBasis,
+    LayerCodebooks,
+    fit_basis,
+    fit_codebooks,
+    fit_codec,
+)
 from vllm_spectralquant.format.params import LayerCodec
 from vllm_spectralquant.format.presets import Preset
 
@@ -25,13 +32,22 @@ class ModelFit:
     codecs: dict[str, list[LayerCodec]]  # preset name -> one codec per layer
 
 
-def fit_model(stats: ModelStats, shape: AttentionShape, presets: Sequence[Preset], *, fitted_codebooks: bool = True) -> ModelFit:
+def fit_model(
+    stats: ModelStats,
+    shape: AttentionShape,
+    presets: Sequence[Preset],
+    *,
+    fitted_codebooks: bool = True,
+    key_weight_scale: float = DEFAULT_KEY_WEIGHT,
+) -> ModelFit:
     """Bases from the moments, codebooks fitted to the sampled tokens (or Gaussian), a codec per preset."""
     bases = [fit_basis(layer, shape.softmax_scale) for layer in stats.layers]
     hists = histograms_from_samples(bases, stats.samples) if fitted_codebooks else [None] * len(bases)
     tables = fit_codebooks(hists, shape.num_kv_heads, shape.head_dim)
     codecs = {
-        p.name: [fit_codec(b, t, p) for b, t in zip(bases, tables)] for p in presets if p.method == "spectralquant"
+        p.name: [fit_codec(b, t, p, key_weight_scale) for b, t in zip(bases, tables)]
+        for p in presets
+        if p.method == "spectralquant"
     }
     return ModelFit(shape, bases, tables, codecs)
 

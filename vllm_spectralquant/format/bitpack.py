@@ -5,8 +5,8 @@ exactly ``b`` bytes: code ``i`` occupies stream bits ``[i*b, (i+1)*b)``, stream 
 ``p % 8`` of byte ``p // 8``. Groups have per-head bit widths and byte offsets, so one call
 packs every head of a layer at once.
 
-Each output byte is a sum of masked, shifted codes whose bit ranges are disjoint, so sum == OR
-and no shift ever exceeds 8 bits (no int64 overflow for 8-bit codes).
+A group of b <= 7 bits fits one little-endian int64 word of at most 56 bits, so packing and
+unpacking are a shift and a mask per code; 8-bit groups are their bytes.
 """
 
 from __future__ import annotations
@@ -16,12 +16,6 @@ import torch
 from vllm_spectralquant.format.presets import GROUP_SIZE
 
 _POS = torch.arange(GROUP_SIZE)
-
-
-def _shift_table(bits: torch.Tensor) -> torch.Tensor:
-    """Signed shifts [H, G, 8 codes, 8 bytes]: code i lands in byte k at ``i*b - 8*k``."""
-    pos = _POS.to(bits.device)
-    return pos.view(1, 1, -1, 1) * bits.long()[..., None, None] - 8 * pos.view(1, 1, 1, -1)
 
 
 def pack_groups(codes: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor) -> None:
@@ -34,14 +28,15 @@ def pack_groups(codes: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, 
         out: uint8 [N, H, S] slots; bytes outside the groups are left untouched.
     """
     n, h, g, _ = codes.shape
-    shift = _shift_table(bits)  # [H, G, 8i, 8k]
-    c = codes.to(torch.int32)[..., :, None]  # [N, H, G, 8i, 1]
-    left = c << shift.clamp(0, 8).to(torch.int32)
-    right = c >> (-shift).clamp(0, 8).to(torch.int32)
-    contrib = torch.where(shift >= 0, left, right) & 0xFF
-    byte_vals = contrib.sum(dim=-2)  # [N, H, G, 8k]; disjoint bits, so sum == OR
     pos = _POS.to(codes.device)
-    valid = pos.view(1, 1, -1) < bits.long()[..., None]  # [H, G, 8k]
+    b = bits.long()
+    c = codes.long()
+    # For b <= 7 the 8 codes make one word of at most 56 bits (no int64 overflow); an 8-bit
+    # group's bytes are its codes. Codes have disjoint bit ranges, so the sum is their OR.
+    small = torch.where((b < 8)[..., None], c, 0)
+    word = (small << (pos * b[..., None])).sum(-1, keepdim=True)  # [N, H, G, 1]
+    byte_vals = torch.where((b == 8)[..., None], c, (word >> (8 * pos)) & 0xFF)
+    valid = pos.view(1, 1, -1) < b[..., None]  # [H, G, 8 bytes]
     dest = offsets.long()[..., None] + pos.view(1, 1, -1)
     # Bytes past a group's width go to a scratch column that is dropped afterwards.
     scratch = out.shape[-1]
@@ -63,17 +58,16 @@ def unpack_groups(slots: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor
     n, h, s = slots.shape
     g = bits.shape[-1]
     pos = _POS.to(slots.device)
-    valid = pos.view(1, 1, -1) < bits.long()[..., None]  # [H, G, 8k]
+    b = bits.long()
+    valid = pos.view(1, 1, -1) < b[..., None]  # [H, G, 8 bytes]
     src = (offsets.long()[..., None] + pos.view(1, 1, -1)).clamp(max=s - 1)
     gathered = torch.gather(slots, 2, src.reshape(1, h, g * GROUP_SIZE).expand(n, -1, -1).contiguous())
-    byte_vals = torch.where(valid, gathered.reshape(n, h, g, GROUP_SIZE).to(torch.int32), 0)
-    shift = _shift_table(bits)  # [H, G, 8i, 8k]; code i = sum_k byte_k shifted right by shift
-    b = byte_vals[..., None, :]  # [N, H, G, 1, 8k]
-    right = b >> shift.clamp(0, 8).to(torch.int32)
-    left = b << (-shift).clamp(0, 8).to(torch.int32)
-    mask = ((1 << bits.long()) - 1).to(torch.int32)[..., None, None]
-    contrib = torch.where(shift >= 0, right, left) & mask
-    return contrib.sum(dim=-1).long()
+    byte_vals = torch.where(valid, gathered.reshape(n, h, g, GROUP_SIZE).long(), 0)
+    # A group of b <= 7 bytes is one little-endian word of at most 56 bits (no int64 overflow);
+    # an 8-bit group's codes are its bytes.
+    word = (byte_vals[..., :7] << (8 * pos[:7])).sum(-1, keepdim=True)  # [N, H, G, 1]
+    codes = (word >> (pos * b[..., None])) & ((1 << b) - 1)[..., None]
+    return torch.where((b == 8)[..., None], byte_vals, codes)
 
 
 def group_offsets(bits: torch.Tensor, start: int) -> torch.Tensor:

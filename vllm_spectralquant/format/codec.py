@@ -67,6 +67,14 @@ def _lookup_levels(codes: torch.Tensor, comp: ComponentCodec) -> torch.Tensor:
     return torch.gather(cb, 3, codes).reshape(n, h, g * GROUP_SIZE)
 
 
+def saturate(x: torch.Tensor) -> torch.Tensor:
+    """float32 copy with the defined runtime behaviour for non-finite input: NaN -> 0, +-inf -> +-65504.
+
+    (What an fp16 cache would hold; everything downstream is then finite.)
+    """
+    return torch.nan_to_num(x.to(torch.float32), nan=0.0, posinf=_FP16_MAX, neginf=-_FP16_MAX)
+
+
 def _fp16_round(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).to(torch.float32)
 
@@ -75,11 +83,11 @@ def encode_component(x: torch.Tensor, comp: ComponentCodec) -> tuple[torch.Tenso
     """Quantise one component.
 
     Args:
-        x: float [N, H, D], finite (non-finite entries are mapped to the mean / clamped).
+        x: float [N, H, D]; non-finite entries are saturated first (see :func:`saturate`).
     Returns:
         codes int64 [N, H, G, 8]; per-token s, z float32 [N, H] (already fp16-rounded).
     """
-    x = x.to(torch.float32)
+    x = saturate(x)
     # rn: the rotated, sigma-normalised vector; every token-scale mode is defined on it.
     rn = torch.einsum("nhd,hde->nhe", x - comp.mean, comp.basis) / comp.scale
     n, h, _ = rn.shape
@@ -96,14 +104,11 @@ def encode_component(x: torch.Tensor, comp: ComponentCodec) -> tuple[torch.Tenso
         u = (rn - z[..., None]) / torch.where(s > 0, s, 1.0)[..., None]
     else:  # pragma: no cover - enum is closed
         raise FormatError(f"unknown token scale {comp.token_scale!r}")
-    # Defined behaviour for non-finite input: NaN -> the mean (level nearest 0), +-inf -> extreme level.
-    u = torch.nan_to_num(u, nan=0.0, posinf=1e30, neginf=-1e30)
     codes = _nearest_level(u, comp)
     if comp.token_scale == TokenScale.NORM:
         # Norm correction: store |x| / |levels| so the decoded vector has exactly the input norm.
         lv_norm = _lookup_levels(codes, comp).norm(dim=-1)
-        s = torch.where(lv_norm > 0, s / torch.where(lv_norm > 0, lv_norm, 1.0), 0.0)
-        s = _fp16_round(torch.nan_to_num(s, nan=0.0, posinf=_FP16_MAX))
+        s = _fp16_round(torch.where(lv_norm > 0, s / torch.where(lv_norm > 0, lv_norm, 1.0), 0.0))
     return codes, s, z
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_spectralquant.format.codec import check_kv_input, encode_slots
+from vllm_spectralquant.format.codec import check_kv_input, encode_slots, saturate
 from vllm_spectralquant.format.errors import FormatError
 from vllm_spectralquant.format.params import LayerCodec
 
@@ -120,7 +120,8 @@ def store_kv(
     block, offset = slots // bs, slots % bs
     kv_cache[block, :, offset, : geometry.slot_bytes] = encode_slots(k, v, codec, strict=strict)
     if geometry.sink_tokens:
-        _store_sinks(k, v, kv_cache, block, offset, geometry)
+        # The exact copy gets the codes' runtime rule too, so nothing non-finite is ever written.
+        _store_sinks(saturate(k), saturate(v), kv_cache, block, offset, geometry)
 
 
 def _spill_position(byte_index: torch.Tensor, geometry: CacheGeometry) -> tuple[torch.Tensor, torch.Tensor]:

@@ -153,7 +153,7 @@ def _params(c: KernelComponent) -> list[torch.Tensor]:
 
 def _info(geometry: CacheGeometry, kc) -> list[int]:
     return [
-        geometry.block_size, geometry.slot_bytes, max(geometry.sink_bytes, 1), geometry.sink_tokens,
+        geometry.block_size, geometry.slot_bytes, geometry.sink_bytes, geometry.sink_tokens,
         kc.key.mode, kc.key.field_offset, kc.value.mode, kc.value.field_offset,
     ]  # fmt: skip
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_spectralquant.format.params import ComponentCodec, LayerCodec
-from vllm_spectralquant.format.presets import GROUP_SIZE, TokenScale
+from vllm_spectralquant.format.presets import GROUP_SIZE
 
 
 def padded_dim(head_dim: int) -> int:
@@ -60,7 +60,7 @@ def _lut_layout(bits: torch.Tensor) -> tuple[torch.Tensor, int]:
 class KernelComponent:
     """Keys or values of one layer, in kernel form (all tensors on the kernel's device)."""
 
-    mode: int  # TokenScale: 0 none, 1 norm, 2 affine
+    mode: int  # format.presets.TokenScale: 0 none, 1 norm, 2 affine
     field_offset: int  # slot byte of the first fp16 token field
     meta: torch.Tensor  # int32 [H, G, 4]: byte offset, LUT offset, bits, mask
     lut32: torch.Tensor  # float32 [H, LUTN] codebook levels (sigma units)
@@ -166,4 +166,4 @@ def kernel_codec(codec: LayerCodec, device: torch.device | str) -> KernelCodec:
     return built
 
 
-__all__ = ["KernelCodec", "KernelComponent", "TokenScale", "kernel_codec", "padded_dim"]
+__all__ = ["KernelCodec", "KernelComponent", "kernel_codec", "padded_dim"]

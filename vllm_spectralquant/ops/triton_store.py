@@ -47,7 +47,11 @@ def _encode_write(
     rd = tl.arange(0, DP)
     dmask = rd < D
     x = tl.load(x_ptr + tok[:, None] * s_xt + h * s_xh + rd[None, :], mask=tvalid[:, None] & dmask[None, :], other=0.0)
+    # Non-finite input is saturated first, as an fp16 cache would hold it (format.codec.saturate):
+    # NaN -> 0, +-inf -> +-65504, for the codes and the exact sink copy alike.
     x = x.to(tl.float32)
+    x = tl.where(x != x, 0.0, x)
+    x = tl.where(x == float("inf"), 65504.0, tl.where(x == float("-inf"), -65504.0, x))
     mean = tl.load(mean_ptr + h * D + rd, mask=dmask, other=0.0)
     scale = tl.load(scale_ptr + h * D + rd, mask=dmask, other=1.0)
     basis = tl.load(basis_ptr + h * D * D + rd[:, None] * D + rd[None, :], mask=dmask[:, None] & dmask[None, :], other=0.0)
@@ -68,9 +72,6 @@ def _encode_write(
         u = rn
         s = tl.full([BT], 1.0, dtype=tl.float32)
         z = tl.zeros([BT], dtype=tl.float32)
-    # Non-finite input: NaN -> the level nearest 0, +-inf -> the extreme levels.
-    u = tl.where(u != u, 0.0, u)
-    u = tl.minimum(tl.maximum(u, -1e30), 1e30)
 
     # Nearest level = number of midpoints <= u (binary lifting over <= 255 midpoints).
     last = tl.load(cmask_ptr + h * DP + rd)  # 2**bits - 1 = number of midpoints
@@ -86,9 +87,7 @@ def _encode_write(
     if MODE == 1:  # norm correction: the decoded vector keeps the input norm
         lev = tl.load(table + code)
         lv_norm = tl.sqrt(tl.sum(tl.where(dmask[None, :], lev * lev, 0.0), 1))
-        s = tl.where(lv_norm > 0, s / tl.where(lv_norm > 0, lv_norm, 1.0), 0.0)
-        s = tl.where(s != s, 0.0, s)
-        s = _fp16_round(s)
+        s = _fp16_round(tl.where(lv_norm > 0, s / tl.where(lv_norm > 0, lv_norm, 1.0), 0.0))
 
     # Group streams: code i of a group sits at bit i * bits; disjoint bits, so sum == OR.
     packed = code.to(tl.int64) << tl.load(cpack_ptr + h * DP + rd).to(tl.int64)[None, :]

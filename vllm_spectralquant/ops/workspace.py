@@ -105,7 +105,7 @@ class DecodeWorkspace:
                     f"(batch {batch}, {hq}/{h} heads, head_dim {d}, {splits} splits)"
                 )
             self.buffer = torch.empty(sum(sizes), dtype=torch.float32, device=self.device)
-        dp, gp, g = padded_dim(d), padded_group(hq // h), hq // h
+        dp, gp = padded_dim(d), padded_group(hq // h)
         parts, start = [], 0
         for n in sizes:
             parts.append(self.buffer[start : start + n])

@@ -1,0 +1,192 @@
+"""`spectralquant eval`: the quality report on the user's own model, through vLLM.
+
+For the uncompressed cache ("bf16" method: vLLM's own cache at the model's serving dtype) and each
+preset, one `vllm serve` run measures:
+
+* perplexity via ``prompt_logprobs`` on held-out corpus windows. Prefill is chunked
+  (``--max-num-batched-tokens = prefill_chunk``), so every token after the first chunk of a window
+  attends over context that is already packed in the cache (a one-chunk prompt would attend over raw
+  K/V and measure nothing);
+* needle-in-a-haystack retrieval at several depths and context lengths up to the model's context;
+* agreement of greedy continuations with the uncompressed cache (mean common-prefix fraction);
+* vLLM's own KV capacity (tokens) from its startup log.
+
+Proof that the compressed path ran: each SpectralQuant/TQ run must log our backend's artifact or
+codec line, report a different capacity, and produce numbers that differ from the reference.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from vllm_spectralquant.evaluation.metrics import common_prefix, greedy_many, perplexity
+from vllm_spectralquant.evaluation.needle import build_trials, pass_rate
+from vllm_spectralquant.format.presets import PRESETS, get_preset
+
+REFERENCE = "bf16"
+
+
+@dataclass
+class EvalConfig:
+    model_dir: Path
+    artifact: Path | None = None
+    presets: Sequence[str] | None = None  # default: every preset (SpectralQuant and TQ layout)
+    corpus: Path | None = None
+    ppl_windows: int = 8
+    ppl_window_tokens: int = 1024
+    prefill_chunk: int = 128
+    needle_lengths: Sequence[int] | None = None  # default: 1k, half and (nearly) all of the context
+    needle_depths: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    greedy_prompts: int = 16
+    greedy_tokens: int = 64
+    kv_cache_gib: int = 2
+    dtype: str = "auto"  # auto: float32 on CPU (bf16 matmuls are slow on most CPUs), bfloat16 on CUDA
+    sink_tokens: int | None = None
+    extra_server_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MethodResult:
+    method: str
+    preset: str | None
+    kv_cache_dtype: str
+    bytes_per_head_token: int
+    compression: float  # bf16 bytes / bytes per head-token (slot)
+    ppl: float
+    ppl_delta_pct: float | None
+    needle_pass_rate: float
+    greedy_agreement: float | None
+    kv_capacity_tokens: int | None
+    kv_capacity_vs_bf16: float | None
+    needles: list[bool]
+    seconds: float
+
+
+def _serving_dtype(dtype: str) -> str:
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def _model_shape(model_dir: Path) -> tuple[int, int]:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return int(head_dim), int(cfg.get("max_position_embeddings", 2048))
+
+
+def _inputs(cfg: EvalConfig, max_context: int):
+    """Held-out token windows, greedy prompts, needle trials and the tokenizer."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from vllm_spectralquant.corpus import read_corpus, split_halves, split_windows
+
+    tok = AutoTokenizer.from_pretrained(cfg.model_dir)
+    ids = torch.tensor(tok(read_corpus(cfg.corpus), add_special_tokens=False)["input_ids"])
+    _, held = split_halves(ids)
+    windows = [w.tolist() for w in split_windows(held, cfg.ppl_window_tokens, cfg.ppl_windows)]
+    # Greedy prompts come from the held-out text after the perplexity windows (or its start if short).
+    start = max(0, min(cfg.ppl_windows * cfg.ppl_window_tokens, len(held) - 64 * cfg.greedy_prompts))
+    prompts = [w[:48].tolist() for w in split_windows(held, 64, cfg.greedy_prompts, start=start)]
+    lengths = cfg.needle_lengths or sorted({1024, max_context // 2, max_context - 256})
+    trials = build_trials(tok, ids.tolist(), [n for n in lengths if n <= max_context - 16], cfg.needle_depths)
+    return windows, prompts, trials
+
+
+def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
+    """Run every method side by side; returns the JSON-ready report."""
+    from openai import OpenAI
+
+    from vllm_spectralquant.serving import ServerOptions, VllmServer
+
+    cfg.model_dir = Path(cfg.model_dir)
+    head_dim, max_context = _model_shape(cfg.model_dir)
+    names = list(cfg.presets) if cfg.presets else list(PRESETS)
+    presets = [get_preset(n) for n in names]
+    dtype = _serving_dtype(cfg.dtype)
+    windows, prompts, trials = _inputs(cfg, max_context)
+    max_len = max([cfg.ppl_window_tokens + 8] + [len(t.prompt_ids) + 16 for t in trials])
+    log(f"eval {cfg.model_dir.name}: {len(windows)} x {cfg.ppl_window_tokens} tokens for perplexity (prefill chunk "
+        f"{cfg.prefill_chunk}), {len(trials)} needles, {len(prompts)} greedy prompts; dtype {dtype}")
+
+    results: list[MethodResult] = []
+    ref: MethodResult | None = None
+    ref_greedy = None
+    for method, preset in [(REFERENCE, None)] + [(p.method, p) for p in presets]:
+        kv_dtype = "auto" if preset is None else preset.kv_cache_dtype
+        opts = ServerOptions(
+            cfg.model_dir,
+            kv_dtype,
+            artifact=cfg.artifact if preset is not None and preset.method == "spectralquant" else None,
+            dtype=dtype,
+            max_model_len=max_len,
+            max_num_batched_tokens=cfg.prefill_chunk,
+            max_num_seqs=min(cfg.prefill_chunk, 64),
+            kv_cache_gib=cfg.kv_cache_gib,
+            enable_prefix_caching=False,  # every score must come from this request's own cache
+            sink_tokens=cfg.sink_tokens,
+            extra_args=list(cfg.extra_server_args),
+        )
+        t0 = time.monotonic()
+        log(f"  {kv_dtype}: starting vllm serve")
+        with VllmServer(opts) as server:
+            client = OpenAI(base_url=server.base_url + "/v1", api_key="unused", timeout=3600)
+            ppl = perplexity(client, windows, concurrency=4)
+            greedy = greedy_many(client, prompts, cfg.greedy_tokens, concurrency=8)
+            needle_rate, needles = pass_rate(client, trials)
+            capacity = server.kv_capacity_tokens()
+            if preset is not None and "SpectralQuant" not in server.log():
+                raise RuntimeError(f"{kv_dtype}: the server log shows no SpectralQuant backend; the compressed path did not run")
+        bytes_per = 4 * head_dim if preset is None else preset.slot_bytes(head_dim)
+        res = MethodResult(
+            method=method,
+            preset=None if preset is None else preset.name,
+            kv_cache_dtype=kv_dtype,
+            bytes_per_head_token=bytes_per,
+            compression=round(4 * head_dim / bytes_per, 3),
+            ppl=round(ppl, 4),
+            ppl_delta_pct=None,
+            needle_pass_rate=round(needle_rate, 4),
+            greedy_agreement=None,
+            kv_capacity_tokens=capacity,
+            kv_capacity_vs_bf16=None,
+            needles=needles,
+            seconds=round(time.monotonic() - t0, 1),
+        )
+        if ref is None:
+            ref, ref_greedy = res, greedy
+            # The reference cache holds the model dtype: in float32 a bf16 cache would hold twice the tokens.
+            ref_bf16_capacity = capacity * (2 if dtype == "float32" else 1) if capacity else None
+            res.greedy_agreement = 1.0
+            res.ppl_delta_pct = 0.0
+            res.kv_capacity_vs_bf16 = 1.0 if dtype != "float32" else 0.5
+        else:
+            res.ppl_delta_pct = round(100 * (ppl / ref.ppl - 1), 3)
+            res.greedy_agreement = round(sum(common_prefix(a, b) / len(b) for a, b in zip(greedy, ref_greedy)) / len(ref_greedy), 4)
+            if capacity and ref_bf16_capacity:
+                res.kv_capacity_vs_bf16 = round(capacity / ref_bf16_capacity, 3)
+            if res.ppl == ref.ppl:
+                raise RuntimeError(f"{kv_dtype}: perplexity equals the reference exactly; the compressed path did not run")
+        log(f"  {kv_dtype}: ppl {res.ppl:.3f} ({res.ppl_delta_pct:+.2f} %), needles {res.needle_pass_rate:.2f}, "
+            f"agreement {res.greedy_agreement:.2f}, capacity {capacity} tokens ({res.seconds:.0f}s)")
+        results.append(res)
+
+    return {
+        "model": cfg.model_dir.name,
+        "date": datetime.date.today().isoformat(),
+        "serving_dtype": dtype,
+        "reference": "the uncompressed cache at the serving dtype" + (" (float32; bf16 capacity = 2x)" if dtype == "float32" else ""),
+        "perplexity": {"windows": len(windows), "window_tokens": cfg.ppl_window_tokens, "prefill_chunk": cfg.prefill_chunk,
+                       "scoring": "chunked prefill: tokens after the first chunk of a window attend over packed context"},
+        "needle": {"trials": [{"context_tokens": t.context_tokens, "depth": t.depth} for t in trials]},
+        "greedy": {"prompts": len(prompts), "tokens": cfg.greedy_tokens, "agreement": "mean common-prefix fraction with the reference"},
+        "results": [asdict(r) for r in results],
+    }
