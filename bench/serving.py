@@ -81,6 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--server-arg", action="append", default=[], help="extra `vllm serve` argument (repeatable)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving.json")
     ap.add_argument("--device", default="cpu", help="label: cpu, or the GPU's name")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="FULL decode CUDA graphs, no torch.compile (default: --enforce-eager)")
     args = ap.parse_args(argv)
     platform = "cpu" if args.device == "cpu" else "cuda"
     config = json.loads((args.model / "config.json").read_text())
@@ -88,8 +90,11 @@ def main(argv=None) -> int:
     shape = args.model_shape or args.model.name
     rows = []
     for kv in args.configs:
+        extra = list(args.server_arg)
+        if args.cuda_graphs:
+            extra += ["--compilation-config", json.dumps({"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"})]
         opts = ServerOptions(args.model, kv, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
-                             enable_prefix_caching=False, extra_args=list(args.server_arg))
+                             enable_prefix_caching=False, enforce_eager=not args.cuda_graphs, extra_args=extra)
         with VllmServer(opts) as server:
             capacity = server.kv_capacity_tokens()
             for spec in args.workload:

@@ -104,14 +104,40 @@ class SpectralQuantMetadata:
     num_prefills: int
     query_start_loc_cpu: torch.Tensor  # [B + 1]
     seq_lens_cpu: torch.Tensor | None  # [B]; None for pure-decode batches (no host copy needed)
+    workspace: object | None = None  # ops.DecodeWorkspace preallocated by the builder (CUDA)
 
 
 class SpectralQuantMetadataBuilder(AttentionMetadataBuilder[SpectralQuantMetadata]):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        # The CUDA kernels are capture-safe (no host sync, fixed grid per batch shape, preallocated
+        # workspace), so uniform single-token decode batches can be captured as FULL graphs. The
+        # Triton and torch paths are not promised to be.
+        from vllm_spectralquant.ops import cuda_ext
+
+        if torch.cuda.is_available() and cuda_ext.is_available():
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return AttentionCGSupport.NEVER
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
+        self.workspace = None
+        if torch.device(device).type == "cuda":
+            # One decode workspace for every layer (they run one after another), sized for the
+            # largest batch before any CUDA graph is captured, so decode never allocates.
+            from vllm_spectralquant.ops.workspace import DecodeWorkspace
+
+            model = vllm_config.model_config
+            self.workspace = DecodeWorkspace.for_shapes(
+                device,
+                vllm_config.scheduler_config.max_num_seqs,
+                model.get_num_attention_heads(vllm_config.parallel_config),
+                kv_cache_spec.num_kv_heads,
+                kv_cache_spec.head_size,
+            )
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False) -> SpectralQuantMetadata:
         cam = common_attn_metadata
@@ -129,6 +155,7 @@ class SpectralQuantMetadataBuilder(AttentionMetadataBuilder[SpectralQuantMetadat
             num_prefills=num_prefills,
             query_start_loc_cpu=cam.query_start_loc_cpu,
             seq_lens_cpu=seq_lens_cpu,
+            workspace=self.workspace,
         )
 
 
@@ -199,7 +226,8 @@ class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
         if md.num_decodes:
             nd = md.num_decode_tokens
             ops.decode_attention(
-                query[:nd], kv_cache, md.block_table, md.seq_lens[: md.num_decodes], codec, geometry, self.scale, output[:nd]
+                query[:nd], kv_cache, md.block_table, md.seq_lens[: md.num_decodes], codec, geometry, self.scale, output[:nd],
+                workspace=md.workspace,
             )
         if md.num_prefills:
             self._prefills(query, key, value, kv_cache, md, codec, geometry, output)
