@@ -253,16 +253,21 @@ class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, offset: int) -> torch.Tensor:
-    """q [n, Hq, D] at positions offset..offset+n-1 over k, v [offset+n, H, D] (GQA), causal."""
+    """q [n, Hq, D] at positions offset..offset+n-1 over k, v [offset+n, H, D] (GQA), causal.
+
+    4-D contiguous inputs and a bottom-right causal bias (never a materialised mask) keep torch on
+    its flash / memory-efficient kernels: O(n) memory, as vLLM's memory profiling assumes.
+    """
+    from torch.nn.attention.bias import causal_lower_right
+
     n, hq, _ = q.shape
     g = hq // k.shape[1]
-    qh = q.transpose(0, 1)
-    kh = k.repeat_interleave(g, dim=1).transpose(0, 1)
-    vh = v.repeat_interleave(g, dim=1).transpose(0, 1)
+    qh = q.transpose(0, 1).unsqueeze(0).contiguous()
+    kh = k.repeat_interleave(g, dim=1).transpose(0, 1).unsqueeze(0).contiguous()
+    vh = v.repeat_interleave(g, dim=1).transpose(0, 1).unsqueeze(0).contiguous()
     if offset == 0:
         o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
     else:
-        pos_q = torch.arange(offset, offset + n, device=q.device)
-        mask = torch.arange(k.shape[0], device=q.device)[None, :] <= pos_q[:, None]
-        o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-    return o.transpose(0, 1)
+        bias = causal_lower_right(n, k.shape[0])
+        o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, scale=scale)
+    return o[0].transpose(0, 1)
