@@ -1,7 +1,6 @@
 """`spectralquant calibrate`: the job end to end, its bad-input errors, and Ray sharding."""
 
 import json
-import os
 
 import pytest
 import torch

