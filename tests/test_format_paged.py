@@ -84,3 +84,43 @@ def test_property_paged_equals_dense(name, head_dim, kv_heads, group, block_size
         codec, seq_lens, query_lens, block_size=block_size, num_query_heads=kv_heads * group, padding_tokens=seed % 3, seed=seed
     )
     _check_against_dense(batch, codec)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    name=st.sampled_from(list(PRESETS)),
+    block_size=st.sampled_from([4, 8, 16]),
+    sink_tokens=st.integers(0, 2),
+    slots=st.lists(st.integers(-1, 47), min_size=1, max_size=24),
+    seed=st.integers(0, 2**16),
+)
+def test_property_store_writes_exactly_the_given_slots(name, block_size, sink_tokens, slots, seed):
+    """Random slot mappings with -1 padding: -1 writes nothing; every other slot decodes as encoded."""
+    from vllm_spectralquant.format import encode_slots
+
+    codec = random_codec(PRESETS[name], 32, 2, seed=seed)
+    geo = CacheGeometry.for_codec(codec, block_size, sink_tokens)
+    num_blocks = 48 // block_size
+    gen = torch.Generator().manual_seed(seed)
+    cache = torch.randint(0, 256, (num_blocks, 2, block_size, geo.page_slot_bytes), dtype=torch.uint8, generator=gen)
+    before = cache.clone()
+    # Distinct targets (vLLM never writes one slot twice in a step); keep the -1 entries.
+    seen, mapping = set(), []
+    for s in slots:
+        mapping.append(-1 if s in seen else s)
+        if s >= 0:
+            seen.add(s)
+    k = torch.randn(len(mapping), 2, 32, generator=gen)
+    v = torch.randn(len(mapping), 2, 32, generator=gen)
+    store_kv(k, v, cache, torch.tensor(mapping), codec, geo)
+    written = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    expect = encode_slots(k, v, codec)
+    for i, s in enumerate(mapping):
+        if s < 0:
+            continue
+        blk, off = divmod(s, block_size)
+        written[blk, off] = True
+        assert torch.equal(cache[blk, :, off, : geo.slot_bytes], expect[i])
+    untouched = ~written[:, None, :].expand(num_blocks, 2, block_size)
+    # Slot bytes of unwritten entries are unchanged (spill bytes may change: blocks' offsets < sinks).
+    assert torch.equal(cache[..., : geo.slot_bytes][untouched], before[..., : geo.slot_bytes][untouched])
