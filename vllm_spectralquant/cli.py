@@ -98,10 +98,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             setattr(cfg, name, value)
     if args.needle_lengths:
         cfg.needle_lengths = args.needle_lengths
-    result = evaluate(cfg, log=lambda line: print(line, flush=True))
     out_json = args.json or Path("spectralquant-eval.json")
     md = out_json.with_suffix(".md")
     png = out_json.with_suffix(".png")
+    # Partial results are saved after each method ("complete": false), so a long run that dies keeps them.
+    result = evaluate(cfg, log=lambda line: print(line, flush=True), on_result=lambda partial: report.write(partial, out_json, md, None))
     report.write(result, out_json, md, png)
     print()
     print(report.markdown(result))

@@ -117,6 +117,11 @@ class VllmServer:
         except (urllib.error.URLError, OSError):
             return False
 
+    def ensure_alive(self) -> None:
+        """Raise with the log tail if the server process has exited (e.g. the engine core died)."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with code {self.proc.returncode}; log {self.log_path}:\n{self.log_tail()}")
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -145,6 +150,9 @@ class VllmServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
+        died = self.proc is not None and self.proc.poll() is not None
         self.stop()
-        if self._own_log and exc[0] is None:
+        if died:  # keep the evidence: the log path goes to stderr with its tail
+            sys.stderr.write(f"vllm serve had exited with code {self.proc.returncode}; log kept at {self.log_path}:\n{self.log_tail()}\n")
+        elif self._own_log and exc[0] is None:
             self.log_path.unlink(missing_ok=True)

@@ -13,8 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 MODEL_NAME = "model"  # ServerOptions sets --served-model-name model
 
 
-def prompt_nll(client, token_ids: Sequence[int]) -> tuple[float, int]:
-    """Sum of -log p(token_i | tokens_<i) over i = 1..n-1 from vLLM's prompt_logprobs, and the count."""
+def prompt_nll(client, token_ids: Sequence[int], first_scored: int = 1) -> tuple[float, int]:
+    """Sum of -log p(token_i | tokens_<i) over i = first_scored..n-1 from vLLM's prompt_logprobs, and the count.
+
+    token_i is predicted by the query at position i-1, so ``first_scored = prefill_chunk + 1`` scores
+    only predictions made in the second or a later prefill chunk (queries that attend over packed K/V).
+    """
+    if not 1 <= first_scored < len(token_ids):
+        raise ValueError(f"first_scored={first_scored} must lie in [1, {len(token_ids) - 1}] for a {len(token_ids)}-token window")
     resp = client.completions.create(
         model=MODEL_NAME, prompt=list(token_ids), max_tokens=1, temperature=0.0, extra_body={"prompt_logprobs": 1}
     )
@@ -22,7 +28,7 @@ def prompt_nll(client, token_ids: Sequence[int]) -> tuple[float, int]:
     if entries is None:
         raise RuntimeError("the server returned no prompt_logprobs")
     total, count = 0.0, 0
-    for tok, entry in zip(token_ids[1:], entries[1:]):
+    for tok, entry in zip(token_ids[first_scored:], entries[first_scored:]):
         item = entry.get(str(tok))
         if item is None:
             raise RuntimeError(f"prompt_logprobs lack the prompt token {tok}")
@@ -31,10 +37,10 @@ def prompt_nll(client, token_ids: Sequence[int]) -> tuple[float, int]:
     return total, count
 
 
-def perplexity(client, windows: Sequence[Sequence[int]], concurrency: int = 1) -> float:
-    """exp(mean NLL) over all scored tokens of all windows."""
+def perplexity(client, windows: Sequence[Sequence[int]], concurrency: int = 1, first_scored: int = 1) -> float:
+    """exp(mean NLL) over the scored tokens (index >= first_scored) of all windows."""
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        parts = list(pool.map(lambda w: prompt_nll(client, w), windows))
+        parts = list(pool.map(lambda w: prompt_nll(client, w, first_scored), windows))
     total = sum(p[0] for p in parts)
     count = sum(p[1] for p in parts)
     return math.exp(total / count)

@@ -4,9 +4,9 @@ For the uncompressed cache ("bf16" method: vLLM's own cache at the model's servi
 preset, one `vllm serve` run measures:
 
 * perplexity via ``prompt_logprobs`` on held-out corpus windows. Prefill is chunked
-  (``--max-num-batched-tokens = prefill_chunk``), so every token after the first chunk of a window
-  attends over context that is already packed in the cache (a one-chunk prompt would attend over raw
-  K/V and measure nothing);
+  (``--max-num-batched-tokens = prefill_chunk``) and only tokens predicted from the second chunk on
+  are scored: each of those queries attends over the window's earlier chunks, already packed in the
+  cache (the first chunk attends over raw K/V, so scoring it would hide the compression);
 * needle-in-a-haystack retrieval at several depths and context lengths up to the model's context;
 * agreement of greedy continuations with the uncompressed cache (mean common-prefix fraction);
 * vLLM's own KV capacity (tokens) from its startup log.
@@ -101,13 +101,19 @@ def _inputs(cfg: EvalConfig, max_context: int):
     return windows, prompts, trials
 
 
-def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
-    """Run every method side by side; returns the JSON-ready report."""
+def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Callable[[dict], None] | None = None) -> dict:
+    """Run every method side by side; returns the JSON-ready report.
+
+    ``on_result`` gets the report so far (``"complete": False``) after each method, so a caller can
+    save partial results of a long run.
+    """
     from openai import OpenAI
 
     from vllm_spectralquant.serving import ServerOptions, VllmServer
 
     cfg.model_dir = Path(cfg.model_dir)
+    if not 0 < cfg.prefill_chunk < cfg.ppl_window_tokens - 1:
+        raise ValueError(f"--prefill-chunk {cfg.prefill_chunk} must be smaller than the perplexity window ({cfg.ppl_window_tokens} tokens)")
     head_dim, max_context = _model_shape(cfg.model_dir)
     names = list(cfg.presets) if cfg.presets else list(PRESETS)
     presets = [get_preset(n) for n in names]
@@ -139,7 +145,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
         log(f"  {kv_dtype}: starting vllm serve")
         with VllmServer(opts) as server:
             client = OpenAI(base_url=server.base_url + "/v1", api_key="unused", timeout=3600)
-            ppl = perplexity(client, windows, concurrency=4)
+            ppl = perplexity(client, windows, concurrency=4, first_scored=cfg.prefill_chunk + 1)
             greedy = greedy_many(client, prompts, cfg.greedy_tokens, concurrency=8)
             needle_rate, needles = pass_rate(client, trials)
             capacity = server.kv_capacity_tokens()
@@ -178,14 +184,23 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
         log(f"  {kv_dtype}: ppl {res.ppl:.3f} ({res.ppl_delta_pct:+.2f} %), needles {res.needle_pass_rate:.2f}, "
             f"agreement {res.greedy_agreement:.2f}, capacity {capacity} tokens ({res.seconds:.0f}s)")
         results.append(res)
+        if on_result is not None:
+            on_result(_report(cfg, dtype, windows, prompts, trials, results, complete=False))
 
+    return _report(cfg, dtype, windows, prompts, trials, results, complete=True)
+
+
+def _report(cfg: EvalConfig, dtype: str, windows, prompts, trials, results: list[MethodResult], complete: bool) -> dict:
     return {
         "model": cfg.model_dir.name,
+        "complete": complete,
         "date": datetime.date.today().isoformat(),
         "serving_dtype": dtype,
         "reference": "the uncompressed cache at the serving dtype" + (" (float32; bf16 capacity = 2x)" if dtype == "float32" else ""),
         "perplexity": {"windows": len(windows), "window_tokens": cfg.ppl_window_tokens, "prefill_chunk": cfg.prefill_chunk,
-                       "scoring": "chunked prefill: tokens after the first chunk of a window attend over packed context"},
+                       "scored_tokens_per_window": cfg.ppl_window_tokens - cfg.prefill_chunk - 1,
+                       "scoring": "chunked prefill; only tokens predicted from the second chunk on are scored, "
+                                  "so every scored query attends over packed context"},
         "needle": {"trials": [{"context_tokens": t.context_tokens, "depth": t.depth} for t in trials]},
         "greedy": {"prompts": len(prompts), "tokens": cfg.greedy_tokens, "agreement": "mean common-prefix fraction with the reference"},
         "results": [asdict(r) for r in results],
