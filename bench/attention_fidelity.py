@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from vllm_spectralquant.calibrate.collect import AttentionShape
+from vllm_spectralquant.calibrate.fit import DEFAULT_KEY_WEIGHT
 from vllm_spectralquant.calibrate.pipeline import collect_in_process, fit_model
 from vllm_spectralquant.corpus import read_corpus, split_halves, split_windows, tokenize_corpus
 from vllm_spectralquant.fidelity import FidelityAccumulator, causal_attention, roundtrip_kv
@@ -70,6 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-windows", type=int, default=16)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--sink-tokens", type=int, default=1, help="exact tokens at the start of each sequence")
+    ap.add_argument("--key-weight", type=float, default=DEFAULT_KEY_WEIGHT,
+                    help=f"keys' bit-allocation weight vs values (default: {DEFAULT_KEY_WEIGHT}, as `spectralquant calibrate`)")
     ap.add_argument("--ablations", action="store_true", help="also report every method without sink protection")
     args = ap.parse_args(argv)
 
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
 
     sq_presets = [PRESETS[f"sq{t}"] for t in TIERS]
     stats = collect_in_process(model, calib, [0] * calib.shape[0], sample_stride=1)
-    fit = fit_model(stats, shape, sq_presets)
+    fit = fit_model(stats, shape, sq_presets, key_weight_scale=args.key_weight)
     t_fit = time.time() - t0
     print(f"fitted {len(sq_presets)} presets in {t_fit:.0f}s")
 
@@ -132,6 +135,8 @@ def main(argv=None) -> int:
         "calib_tokens": int(calib.numel()),
         "eval_tokens": int(held_out.numel()),
         "head_dim": shape.head_dim,
+        "key_weight": args.key_weight,
+        "sink_tokens": args.sink_tokens,
         "seconds": round(time.time() - t0, 1),
         "results": results,
     }

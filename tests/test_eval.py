@@ -54,3 +54,34 @@ def test_prompt_nll_scores_only_tokens_from_first_scored_on():
     assert perplexity(_PromptLogprobsClient, [tokens, tokens], first_scored=9) == pytest.approx(2.718281828 ** 9)
     with pytest.raises(ValueError, match="first_scored"):
         prompt_nll(_PromptLogprobsClient, tokens, first_scored=10)
+
+
+def _report_with_rows():
+    from vllm_spectralquant.evaluation.run import MethodResult
+
+    common = dict(compression=1.0, ppl_delta_pct=0.0, needle_pass_rate=1.0, greedy_agreement=1.0, kv_capacity_tokens=10,
+                  kv_capacity_vs_bf16=1.0, needles=[True], seconds=1.0)
+    ref = MethodResult(method="bf16", preset=None, kv_cache_dtype="auto", bytes_per_head_token=256, ppl=10.0, **common)
+    sq = MethodResult(method="spectralquant", preset="sq4bit", kv_cache_dtype="spectralquant_sq4bit", bytes_per_head_token=67, ppl=10.1, **common)
+    settings = {"model": "m", "serving_dtype": "float32", "perplexity": {"windows": 8}, "needle": {"trials": []}, "greedy": {"prompts": 16}}
+    return settings, [ref, sq]
+
+
+def test_resume_keeps_preset_rows_of_a_report_with_the_same_settings(tmp_path):
+    from dataclasses import asdict
+
+    from vllm_spectralquant.evaluation.run import EvalConfig, EvalError, _resumable
+
+    settings, rows = _report_with_rows()
+    cfg = EvalConfig(model_dir=tmp_path, resume={**settings, "complete": False, "results": [asdict(r) for r in rows]})
+    kept, ref = _resumable(cfg, settings)
+    assert list(kept) == ["spectralquant_sq4bit"] and kept["spectralquant_sq4bit"].ppl == 10.1 and ref.ppl == 10.0
+    with pytest.raises(EvalError, match="other settings.*perplexity"):
+        _resumable(cfg, {**settings, "perplexity": {"windows": 4}})
+
+
+def test_resume_without_an_earlier_report_is_a_clear_error(tmp_path, capsys):
+    from vllm_spectralquant.cli import main
+
+    assert main(["eval", str(tmp_path), "--resume", "--json", str(tmp_path / "none.json")]) == 2
+    assert "--resume: no earlier report" in capsys.readouterr().err

@@ -250,13 +250,19 @@ def test_load_200_requests_16_in_flight(server, texts):
     assert greedy_token_ids(client, "The capital of France is", 4)
 
 
-def test_context_overflow_gets_vllms_error(server):
+def test_context_overflow_gets_vllms_normal_handling(server, texts):
+    """vLLM's own rules (0.32): a prompt longer than the context is refused with a 400; a prompt that
+    fits but whose max_tokens would overflow gets max_tokens clamped to the context left, and stops
+    there. Either way the server stays healthy."""
     import openai
 
     client = _client(server)
-    with pytest.raises(openai.BadRequestError, match="(?i)context|max_model_len|maximum|too long"):
-        client.completions.create(model="model", prompt="hello " * 1500, max_tokens=1000)
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="model", prompt="hello " * 3000, max_tokens=4)
+    hello = texts["tokenizer"]("hello", add_special_tokens=False)["input_ids"]
+    assert len(hello) == 1
+    with pytest.raises(openai.BadRequestError, match="(?i)maximum context length"):
+        client.completions.create(model="model", prompt=hello * 2100, max_tokens=4)
+    r = client.completions.create(model="model", prompt=hello * 2030, max_tokens=1000, temperature=0)
+    assert r.usage.prompt_tokens == 2030
+    assert r.usage.prompt_tokens + r.usage.completion_tokens <= 2048 and r.choices[0].finish_reason in ("stop", "length")
     assert server.healthy()
     assert greedy_token_ids(client, "The capital of France is", 4)

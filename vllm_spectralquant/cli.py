@@ -86,9 +86,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vllm_spectralquant.evaluation import report
-    from vllm_spectralquant.evaluation.run import EvalConfig, evaluate
+    from vllm_spectralquant.evaluation.run import EvalConfig, EvalError, evaluate
 
     cfg = EvalConfig(model_dir=args.model_dir, artifact=args.artifact, presets=args.presets, corpus=args.corpus)
+    out_json = args.json or Path("spectralquant-eval.json")
+    if args.resume:
+        if not out_json.is_file():
+            raise EvalError(f"--resume: no earlier report at {out_json} (give the same --json as the run to continue)")
+        try:
+            cfg.resume = json.loads(out_json.read_text())
+        except json.JSONDecodeError as e:
+            raise EvalError(f"--resume: {out_json} is not a JSON report: {e}") from e
     if args.quick:
         cfg.ppl_windows, cfg.ppl_window_tokens, cfg.greedy_prompts, cfg.greedy_tokens = 2, 512, 4, 16
         cfg.needle_lengths, cfg.needle_depths = [1024], (0.25, 0.75)
@@ -98,7 +106,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             setattr(cfg, name, value)
     if args.needle_lengths:
         cfg.needle_lengths = args.needle_lengths
-    out_json = args.json or Path("spectralquant-eval.json")
     md = out_json.with_suffix(".md")
     png = out_json.with_suffix(".png")
     # Partial results are saved after each method ("complete": false), so a long run that dies keeps them.
@@ -153,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-gib", type=int, help="KV cache memory per server on CPU (default: 2)")
     p.add_argument("--dtype", help="serving dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--quick", action="store_true", help="a few minutes: 2 windows, 4 prompts, 2 needles at 1k")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --json: keep its preset rows, re-run the reference and the missing presets")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("inspect", help="verify and summarise an artifact")
@@ -167,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vllm_spectralquant.artifact.errors import ArtifactError
     from vllm_spectralquant.calibrate.errors import CalibrationError
     from vllm_spectralquant.corpus import CorpusError
+    from vllm_spectralquant.evaluation.run import EvalError
     from vllm_spectralquant.format.errors import FormatError
     from vllm_spectralquant.models.errors import ModelError
 
@@ -176,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except BrokenPipeError:  # output piped into e.g. `head`
         return 0
-    except (FormatError, ArtifactError, CalibrationError, ModelError, CorpusError, OSError) as e:
+    except (FormatError, ArtifactError, CalibrationError, ModelError, CorpusError, EvalError, OSError) as e:
         # Their messages name the cause and the fix; a traceback would only hide that.
         print(f"spectralquant {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,11 @@ from vllm_spectralquant.format.presets import PRESETS, get_preset
 REFERENCE = "bf16"
 
 
+class EvalError(Exception):
+    """The eval cannot give a trustworthy answer (bad options, a resumed report that does not match, a
+    compressed run that shows no sign of the compressed path); the message names the cause."""
+
+
 @dataclass
 class EvalConfig:
     model_dir: Path
@@ -48,6 +53,7 @@ class EvalConfig:
     dtype: str = "auto"  # auto: float32 on CPU (bf16 matmuls are slow on most CPUs), bfloat16 on CUDA
     sink_tokens: int | None = None
     extra_server_args: list[str] = field(default_factory=list)
+    resume: dict | None = None  # an earlier (partial) report with the same settings: its preset rows are kept
 
 
 @dataclass
@@ -113,7 +119,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Cal
 
     cfg.model_dir = Path(cfg.model_dir)
     if not 0 < cfg.prefill_chunk < cfg.ppl_window_tokens - 1:
-        raise ValueError(f"--prefill-chunk {cfg.prefill_chunk} must be smaller than the perplexity window ({cfg.ppl_window_tokens} tokens)")
+        raise EvalError(f"--prefill-chunk {cfg.prefill_chunk} must be smaller than the perplexity window ({cfg.ppl_window_tokens} tokens)")
     head_dim, max_context = _model_shape(cfg.model_dir)
     names = list(cfg.presets) if cfg.presets else list(PRESETS)
     presets = [get_preset(n) for n in names]
@@ -123,11 +129,16 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Cal
     log(f"eval {cfg.model_dir.name}: {len(windows)} x {cfg.ppl_window_tokens} tokens for perplexity (prefill chunk "
         f"{cfg.prefill_chunk}), {len(trials)} needles, {len(prompts)} greedy prompts; dtype {dtype}")
 
+    kept, resumed_ref = _resumable(cfg, _report(cfg, dtype, windows, prompts, trials, [], complete=False))
     results: list[MethodResult] = []
     ref: MethodResult | None = None
     ref_greedy = None
     for method, preset in [(REFERENCE, None)] + [(p.method, p) for p in presets]:
         kv_dtype = "auto" if preset is None else preset.kv_cache_dtype
+        if kv_dtype in kept:
+            log(f"  {kv_dtype}: kept from the resumed report (ppl {kept[kv_dtype].ppl:.3f})")
+            results.append(kept[kv_dtype])
+            continue
         opts = ServerOptions(
             cfg.model_dir,
             kv_dtype,
@@ -150,7 +161,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Cal
             needle_rate, needles = pass_rate(client, trials)
             capacity = server.kv_capacity_tokens()
             if preset is not None and "SpectralQuant" not in server.log():
-                raise RuntimeError(f"{kv_dtype}: the server log shows no SpectralQuant backend; the compressed path did not run")
+                raise EvalError(f"{kv_dtype}: the server log shows no SpectralQuant backend; the compressed path did not run")
         bytes_per = 4 * head_dim if preset is None else preset.slot_bytes(head_dim)
         res = MethodResult(
             method=method,
@@ -168,6 +179,9 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Cal
             seconds=round(time.monotonic() - t0, 1),
         )
         if ref is None:
+            if resumed_ref is not None and res.ppl != resumed_ref.ppl:
+                raise EvalError(f"--resume: the reference perplexity is {res.ppl} now but {resumed_ref.ppl} in the resumed "
+                                   "report; something changed (model, vLLM, corpus), so its rows are not comparable: start afresh")
             ref, ref_greedy = res, greedy
             # The reference cache holds the model dtype: in float32 a bf16 cache would hold twice the tokens.
             ref_bf16_capacity = capacity * (2 if dtype == "float32" else 1) if capacity else None
@@ -180,7 +194,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Cal
             if capacity and ref_bf16_capacity:
                 res.kv_capacity_vs_bf16 = round(capacity / ref_bf16_capacity, 3)
             if res.ppl == ref.ppl:
-                raise RuntimeError(f"{kv_dtype}: perplexity equals the reference exactly; the compressed path did not run")
+                raise EvalError(f"{kv_dtype}: perplexity equals the reference exactly; the compressed path did not run")
         log(f"  {kv_dtype}: ppl {res.ppl:.3f} ({res.ppl_delta_pct:+.2f} %), needles {res.needle_pass_rate:.2f}, "
             f"agreement {res.greedy_agreement:.2f}, capacity {capacity} tokens ({res.seconds:.0f}s)")
         results.append(res)
@@ -188,6 +202,21 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Cal
             on_result(_report(cfg, dtype, windows, prompts, trials, results, complete=False))
 
     return _report(cfg, dtype, windows, prompts, trials, results, complete=True)
+
+
+def _resumable(cfg: EvalConfig, fresh: dict) -> tuple[dict[str, MethodResult], MethodResult | None]:
+    """The preset rows of ``cfg.resume`` (by kv-cache dtype) and its reference row, after checking that
+    it was measured with the same settings. The reference itself always runs again: greedy agreement
+    needs its outputs, and its perplexity must reproduce the resumed one exactly."""
+    if cfg.resume is None:
+        return {}, None
+    for key in ("model", "serving_dtype", "perplexity", "needle", "greedy"):
+        if cfg.resume.get(key) != fresh[key]:
+            raise EvalError(f"--resume: the report was made with other settings ({key}: {cfg.resume.get(key)!r} "
+                             f"vs {fresh[key]!r} now); start afresh or use the same options")
+    rows = [MethodResult(**r) for r in cfg.resume.get("results", [])]
+    ref = next((r for r in rows if r.preset is None), None)
+    return {r.kv_cache_dtype: r for r in rows if r.preset is not None and ref is not None}, ref
 
 
 def _report(cfg: EvalConfig, dtype: str, windows, prompts, trials, results: list[MethodResult], complete: bool) -> dict:
