@@ -10,8 +10,12 @@ backend on bf16 K/V [B, H, L, D] (``enable_gqa=True``: native GQA, no expanded c
 ``store_kv`` of one new token per sequence (what each decode step adds).
 
 Times: ``triton.testing.do_bench`` median (CUDA events; it flushes L2 before every run), inputs
-rotated over several sets when one set is smaller than ~256 MB. Calls are eager, so below ~150 us the
-host overhead of the Python wrapper and op dispatch shows (vLLM replays decode as a CUDA graph).
+rotated over several sets when one set is smaller than ~256 MB. By default every call is captured
+once per input set as a CUDA graph and the graphs are replayed, as vLLM replays decode (``--eager``
+times the Python calls instead, host overhead included). ``--codecs sorted`` gives each head's key and
+value groups the same random bit multiset sorted widest first, as a calibration's importance order
+does. Achieved bandwidth is also given as a fraction of the device-to-device copy bandwidth measured
+at the start of the same run.
 Caches hold random codes with valid fp16 token fields and a zeroed sink spill (speed does not depend
 on the values; correctness is bench/gpu_kernels_check.py).
 achieved_gbps counts the packed slot bytes read, B*H*L*S (page_gbps: whole entries, B*H*L*C).
@@ -41,22 +45,62 @@ CONTEXTS = [32768, 16384, 4096, 1024]
 ROTATE_BYTES = 256 << 20
 
 
-def timer(dry: bool):
+def timer(dry: bool, eager: bool = True):
+    """bench(fn) -> milliseconds; with ``eager=False`` fn is a list of callables (one per input set),
+    each captured once as a CUDA graph, and the graphs are replayed in rotation."""
+    if not dry and not eager:
+        from triton.testing import do_bench
+
+        def run_graphs(fns, **kw):
+            for f in fns:  # warm-up outside capture: workspaces, extension load, lazy init
+                f()
+            torch.cuda.synchronize()
+            graphs = []
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for f in fns:
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, stream=stream):
+                        f()
+                    graphs.append(g)
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()
+            pick = rotating(graphs)
+            return do_bench(lambda: pick().replay(), warmup=kw.get("warmup", 10), rep=kw.get("rep", 40), return_mode="median")
+
+        return run_graphs
     if dry:
 
-        def run(fn, **_):
-            fn()
+        def run(fns, **_):
+            fns[0]()
             t0 = time.perf_counter()
-            fn()
+            fns[0]()
             return (time.perf_counter() - t0) * 1e3
 
         return run
     from triton.testing import do_bench
 
-    return lambda fn, **kw: do_bench(fn, warmup=kw.get("warmup", 10), rep=kw.get("rep", 40), return_mode="median")
+    def run_eager(fns, **kw):
+        pick = rotating(fns)
+        return do_bench(lambda: pick()(), warmup=kw.get("warmup", 10), rep=kw.get("rep", 40), return_mode="median")
+
+    return run_eager
+
+
+def copy_bandwidth_gbps(device) -> float:
+    """Device-to-device copy of 1 GiB (bytes read + written per second), median of CUDA-event timings."""
+    from triton.testing import do_bench
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=5, rep=50, return_mode="median")
+    del src, dst
+    return 2 * (1 << 30) / ms / 1e6
 
 
 def rotating(sets: list):
+    """A function returning the next item of ``sets`` on every call."""
     state = {"i": 0}
 
     def pick():
@@ -80,15 +124,17 @@ def bf16_case(b, hq, h, d, L, device, bench, dry) -> dict:
         k = torch.randn(b, h, L, d, device=device, dtype=torch.bfloat16)
         v = torch.randn(b, h, L, d, device=device, dtype=torch.bfloat16)
         sets.append((q, k, v))
-    pick = rotating(sets)
     backend = SDPBackend.MATH if dry else SDPBackend.FLASH_ATTENTION
+    outs = [torch.empty_like(q) for q, _, _ in sets]
 
-    def fn():
-        q, k, v = pick()
-        with sdpa_kernel(backend):
-            torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    def call(q, k, v, o):
+        def fn():
+            with sdpa_kernel(backend):
+                o.copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
 
-    ms = bench(fn)
+        return fn
+
+    ms = bench([call(*qkv, o) for qkv, o in zip(sets, outs)])
     del sets
     return {"time_us": ms * 1e3, "bytes": kv_bytes}
 
@@ -113,10 +159,10 @@ def packed_cache(codec, geo: CacheGeometry, b: int, L: int, device, gen) -> tupl
     return cache, table, lens
 
 
-def packed_case(preset, b, hq, h, d, L, block_size, impls, device, bench, dry) -> list[dict]:
+def packed_case(preset, b, hq, h, d, L, block_size, impls, device, bench, dry, codecs="random") -> list[dict]:
     from vllm_spectralquant.ops import cuda_ext, triton_kernels
 
-    codec = random_codec(PRESETS[preset], d, h, seed=7).to(device)
+    codec = random_codec(PRESETS[preset], d, h, seed=7, widest_first=codecs == "sorted").to(device)
     geo = CacheGeometry.for_codec(codec, block_size)
     gen = torch.Generator(device=device).manual_seed(11)
     slot_bytes = b * h * L * geo.slot_bytes
@@ -131,11 +177,8 @@ def packed_case(preset, b, hq, h, d, L, block_size, impls, device, bench, dry) -
         mod = cuda_ext if impl == "cuda" else triton_kernels
         if impl == "cuda" and not cuda_ext.decode_supported(codec, geo, hq):
             continue
-        pick = rotating(list(zip(sets, queries)))
-
-        def decode():
-            (cache, table, lens), q = pick()
-            mod.decode_attention(q, cache, table, lens, codec, geo, d**-0.5, out, ws)
+        def decode(cache, table, lens, q):
+            return lambda: mod.decode_attention(q, cache, table, lens, codec, geo, d**-0.5, out, ws)
 
         slots = (sets[0][1][:, -1].long() * block_size + (L - 1) % block_size).contiguous()
 
@@ -143,15 +186,15 @@ def packed_case(preset, b, hq, h, d, L, block_size, impls, device, bench, dry) -
             mod.store_kv(key, key, sets[0][0], slots, codec, geo)
 
         try:
-            t_decode = bench(decode) * 1e3
-            t_store = bench(store) * 1e3
+            t_decode = bench([decode(*s, q) for s, q in zip(sets, queries)]) * 1e3
+            t_store = bench([store]) * 1e3
         except Exception:  # noqa: BLE001 - record and go on
             rows.append({"impl": impl, "preset": preset, "error": traceback.format_exc()[-2000:]})
             continue
         if not torch.isfinite(out.float()).all():
             rows.append({"impl": impl, "preset": preset, "error": "non-finite output"})
         rows.append({
-            "impl": impl, "preset": preset, "method": codec.preset.method, "time_us": t_decode,
+            "impl": impl, "preset": preset, "method": codec.preset.method, "codecs": codecs, "time_us": t_decode,
             "achieved_gbps": slot_bytes / t_decode / 1e3, "page_gbps": page_bytes / t_decode / 1e3,
             "store_time_us": t_store, "slot_bytes": geo.slot_bytes, "page_slot_bytes": geo.page_slot_bytes,
         })  # fmt: skip
@@ -168,14 +211,17 @@ def main() -> int:
     ap.add_argument("--head-dims", default="128,64")
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--impls", default="cuda,triton")
-    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
+    ap.add_argument("--codecs", default="random", choices=["random", "sorted"])
+    ap.add_argument("--label", default="", help="a name for this build/variant, stored in every row")
     ap.add_argument("--time-budget-s", type=float, default=1e9, help="stop starting new shapes after this long")
     ap.add_argument("--no-baseline", action="store_true", help="skip bf16 SDPA (profiling runs)")
     ap.add_argument("--quiet-table", action="store_true", help="no final table (the JSON has everything)")
     args = ap.parse_args()
     dry = args.dry_run
     device = torch.device("cpu" if dry else "cuda")
-    bench = timer(dry)
+    bench = timer(dry, eager=args.eager)
     impls = [i for i in args.impls.split(",") if i]
     if dry:
         impls = [i for i in impls if i != "cuda"]
@@ -192,6 +238,10 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         "block_size": args.block_size,
+        "timing": "eager calls" if args.eager else "CUDA-graph replays",
+        "codecs": args.codecs,
+        "label": args.label,
+        "copy_gbps": None if dry else copy_bandwidth_gbps(device),
         "baseline": "torch SDPA, FLASH_ATTENTION backend, bf16 K/V [B, H, L, D], enable_gqa=True",
         "results": [],
     }
@@ -217,9 +267,11 @@ def main() -> int:
                     t_bf16 = float("nan")
                     report["results"].append({"method": "bf16", "impl": "sdpa", **common, "error": traceback.format_exc()[-1500:]})
                 for preset in args.presets.split(","):
-                    for row in packed_case(preset, b, hq, h, d, L, args.block_size, impls, device, bench, dry):
+                    for row in packed_case(preset, b, hq, h, d, L, args.block_size, impls, device, bench, dry, args.codecs):
                         if "time_us" in row:
                             row["speedup_vs_bf16"] = t_bf16 / row["time_us"]
+                            if report["copy_gbps"]:
+                                row["page_bw_fraction"] = row["page_gbps"] / report["copy_gbps"]
                         report["results"].append({**row, **common})
                     torch.cuda.empty_cache() if not dry else None
                 line = [f"d{d} B={b:<3d} L={L:<6d} bf16 {t_bf16:8.1f}us"]
@@ -237,10 +289,13 @@ def main() -> int:
 def print_table(report: dict) -> None:
     rows = sorted((r for r in report["results"] if "time_us" in r),
                   key=lambda r: (-r["head_dim"], r["batch"], r["context"], r["preset"], r["impl"]))  # fmt: skip
-    print(f"\n{'hd':>3} {'B':>3} {'ctx':>6} {'preset':>9} {'impl':>6} {'us':>9} {'GB/s':>7} {'x bf16':>7} {'store us':>8}")
+    print(f"\n{report['device']}, {report['timing']}, block {report['block_size']}, codecs {report['codecs']}, "
+          f"copy {report['copy_gbps'] or float('nan'):.0f} GB/s {report['label']}")  # fmt: skip
+    print(f"{'hd':>3} {'B':>3} {'ctx':>6} {'preset':>9} {'impl':>6} {'us':>9} {'GB/s':>7} {'of copy':>7} {'x bf16':>7} {'store us':>8}")
     for r in rows:
         print(f"{r['head_dim']:>3} {r['batch']:>3} {r['context']:>6} {r['preset']:>9} {r['impl']:>6} {r['time_us']:>9.1f} "
-              f"{r['achieved_gbps']:>7.0f} {r['speedup_vs_bf16']:>7.2f} {r.get('store_time_us', float('nan')):>8.1f}")  # fmt: skip
+              f"{r['achieved_gbps']:>7.0f} {r.get('page_bw_fraction', float('nan')):>7.2f} {r['speedup_vs_bf16']:>7.2f} "
+              f"{r.get('store_time_us', float('nan')):>8.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -47,6 +47,10 @@ GPU_CASES = [
     ("sq4bit", 128, 1, 16, 32, 1, [77, 1]),
     ("tq2_5bit", 64, 2, 4, 16, 4, [3, 90]),
     ("sq3bit", 256, 1, 4, 16, 1, [40, 3]),
+    # ":sorted": bits widest first per head, as calibrated (whole pair-table stripes + a wide stripe)
+    ("sq2_5bit:sorted", 128, 8, 4, 128, 1, [1, 300, 4097, 128]),
+    ("sq4bit:sorted", 64, 3, 3, 128, 1, [129, 2000, 7]),
+    ("sq3bit:sorted", 96, 2, 6, 64, 2, [65, 1000]),
 ]
 DRY_CASES = [
     ("sq2_5bit", 64, 2, 4, 16, 1, [1, 17, 40]),
@@ -87,7 +91,8 @@ def check_case(case, impl: str, layout: str, device: torch.device) -> dict:
     name, d, h, g, bs, sink, lens = case
     mod = impl_module(impl)
     seed = fresh_seed()
-    codec = random_codec(PRESETS[name], d, h, seed=seed).to(device)
+    preset, _, order = name.partition(":")
+    codec = random_codec(PRESETS[preset], d, h, seed=seed, widest_first=order == "sorted").to(device)
     cpu_codec = codec.to("cpu")
     batch = random_paged_batch(cpu_codec, lens, [1] * len(lens), block_size=bs, num_query_heads=h * g, sink_tokens=sink, padding_tokens=2, seed=seed, device=device)
     geo = batch.geometry
@@ -265,8 +270,10 @@ def sanitize(device: torch.device) -> None:
         ("sq2_5bit", 128, 2, 4, 16, 1, [1, 40, 70]),
         ("tq3bit", 64, 1, 16, 32, 2, [33, 2]),
         ("sq4bit", 64, 2, 1, 16, 0, [17]),
+        ("sq2_5bit:sorted", 128, 2, 4, 128, 1, [1, 200]),
     ]:
-        codec = random_codec(PRESETS[name], d, h, seed=1)
+        preset, _, order = name.partition(":")
+        codec = random_codec(PRESETS[preset], d, h, seed=1, widest_first=order == "sorted")
         batch = random_paged_batch(codec, lens, [1] * len(lens), block_size=bs, num_query_heads=h * g, sink_tokens=sink, seed=1, device=device)
         codec = codec.to(device)
         for cache in (batch.kv_cache, token_major(batch.kv_cache)):
@@ -288,11 +295,11 @@ def summarize(out: Path) -> None:
         for row in rep.get("cases", []):
             if not row.get("ok", True) and "skipped" not in row:
                 print("FAILED", json.dumps({k: v for k, v in row.items() if k != "error"})[:900], row.get("error", "")[-600:])
-    for tool in ("memcheck", "racecheck"):
+    for tool in ("memcheck", "racecheck", "sanitize"):
         log = out / f"{tool}.log"
         if log.exists():
             lines = log.read_text().splitlines()
-            print(tool.upper(), *[x for x in lines if "ERROR SUMMARY" in x or "exit" in x or "Error" in x][:6])
+            print(tool.upper(), *[x for x in lines if "ERROR SUMMARY" in x or "exit" in x or "Error" in x or "==" in x][:8])
     bench = out / "decode_attention.json"
     if bench.exists():
         rep = json.loads(bench.read_text())

@@ -10,11 +10,17 @@
 // split_kernel, per warp and 16-token step (4 warps, each its own steps and cp.async double buffer):
 //   scores S[q, t] = W[q, :] . K_levels[t, :]  as mma.m16n8k16 with A = W (16 query rows, fp16) and
 //   B = K levels (8 tokens x 16 coordinates). Lane (quad, c) decodes for tokens quad and quad + 8 the
-//   whole code group  c * P + p  of every stripe p (P = D / 32): its 8 codes are exactly the lane's B
+//   whole code group  4 p + c  of every stripe p (P = D / 32): its 8 codes are exactly the lane's B
 //   elements of k-steps 2p and 2p + 1 under a fixed permutation of the coordinates, which W uses too.
 //   Values: O^T[d, q] += V_levels^T[d, t] . (p s_V)^T[t, q]  with A = V levels transposed in registers
 //   (movmatrix) from the same per-lane decode, B = probabilities straight from the score accumulators.
-//   Levels come from per-group codebooks (fp16) in shared memory; no per-token D x D work.
+//   No per-token D x D work.
+//
+// Decoding (the instruction budget of the whole kernel): a stripe whose four groups all have <= 4 bits
+// (groups are ordered by importance, so wide groups share the first stripes) reads two codes per
+// 32-bit shared-memory load from a per-group pair table (kernel_codec.pair_meta / pairs): the entry
+// is already the half2 MMA operand, and its address is one shift and one LOP3 (tables are aligned to
+// their size). Other stripes look each code up in the fp16 level table.
 #include "sq_device.cuh"
 
 namespace sq {
@@ -115,11 +121,30 @@ __device__ __forceinline__ void decode_group(uint32_t row, int4 m, uint32_t lut,
   }
 }
 
+// Levels of the 8 codes of a group of <= 4 bits from its pair table: `lo` holds the group's stream,
+// `table` is the table's shared address (aligned to its size), `m4` the pair mask << 2 and `b2` = 2 bits.
+__device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t table, uint32_t m4, uint32_t b2,
+                                             uint32_t (&out)[4]) {
+  const uint32_t s1 = b2 - 2u, s2 = s1 + b2, s3 = s2 + b2;  // pair k starts at bit k * b2
+  out[0] = lds_u32(table | ((lo << 2) & m4));
+  out[1] = lds_u32(table | ((lo >> s1) & m4));
+  out[2] = lds_u32(table | ((lo >> s2) & m4));
+  out[3] = lds_u32(table | ((lo >> s3) & m4));
+}
+
+// 32 bits of shared memory from any byte address.
+__device__ __forceinline__ uint32_t window32(uint32_t a) {
+  const uint32_t w = a & ~3u;
+  return __funnelshift_r(lds_u32(w), lds_u32(w + 4), (a & 3u) * 8u);
+}
+
 // ---- shared memory layout of split_kernel ----------------------------------------------------------
 
 struct SplitSmem {
-  int meta;        // int4 [2][G]: K then V group metadata
+  int meta;        // int4 [2][G]: K then V group metadata (fp16 LUT path)
+  int pmeta;       // int4 [2][G]: K then V pair-table metadata
   int lut;         // fp16 [k.lut_n + v.lut_n]
+  int pairs;       // uint32 [k.pair_n + v.pair_n], 1024 B aligned at run time (+1024 reserved)
   int work;        // raw staging buffers, later the warp-merge scratch
   int raw_buf;     // bytes per staging buffer
   int total;
@@ -127,11 +152,14 @@ struct SplitSmem {
 
 __host__ __device__ inline int round16(int x) { return (x + 15) & ~15; }
 
-__host__ __device__ inline SplitSmem split_smem(int head_dim, int nqt, int k_lut, int v_lut, int pitch) {
+__host__ __device__ inline SplitSmem split_smem(int head_dim, int nqt, int k_lut, int v_lut, int k_pairs, int v_pairs,
+                                                int pitch) {
   SplitSmem s;
   s.meta = 0;
-  s.lut = 2 * (head_dim / kGroup) * 16;
-  s.work = s.lut + round16(2 * (k_lut + v_lut));
+  s.pmeta = 2 * (head_dim / kGroup) * 16;
+  s.lut = 2 * s.pmeta;
+  s.pairs = s.lut + round16(2 * (k_lut + v_lut));
+  s.work = s.pairs + 1024 + round16(4 * (k_pairs + v_pairs));
   s.raw_buf = round16(kStep * pitch + 16);  // +16: group windows may read past the last entry
   const int raw = kWarps * kStages * s.raw_buf;
   const int merge = kWarps * nqt * 8 * (head_dim + 3) * 4;
@@ -170,7 +198,8 @@ __device__ __forceinline__ void stage_step(const DecodeArgs& a, const int* table
   }
 }
 
-template <int D, int NQT>
+// kFields: the token-scale fields (TQ layout) are read; SpectralQuant slots have none.
+template <int D, int NQT, bool kFields>
 __global__ void __launch_bounds__(kThreads, (D <= 128 && NQT == 1) ? 4 : 2) split_kernel(const DecodeArgs a) {
   constexpr int G8 = D / kGroup;  // code groups
   constexpr int P = D / 32;       // stripes of 4 groups (one per lane of a quad)
@@ -181,29 +210,58 @@ __global__ void __launch_bounds__(kThreads, (D <= 128 && NQT == 1) ? 4 : 2) spli
   const int H = a.cache.num_kv_heads;
   const int G = a.num_q_heads / H;
   const int pitch = a.pitch;
-  const SplitSmem lay = split_smem(D, NQT, a.k.lut_n, a.v.lut_n, pitch);
+  const SplitSmem lay = split_smem(D, NQT, a.k.lut_n, a.v.lut_n, a.k.pair_n, a.v.pair_n, pitch);
 
+  const int seq_len = a.seq_lens[b];
+  const int n_sink = min(a.cache.sink_tokens, seq_len);
+  const int steps = (seq_len + kStep - 1) / kStep;
+  const int per = (steps + a.num_splits - 1) / a.num_splits;
+  const int s_begin = split * per;
+  const int s_end = min(s_begin + per, steps);
+  const int* table = a.block_table + static_cast<int64_t>(b) * a.s_bt;
+  // Warp w takes steps s_begin + w, + 2w, ...; kStages - 1 of them are always in flight.
+  // The first ones are issued before the tables are loaded, so their latency overlaps that work.
+  const uint32_t raw0 = smem_addr(smem + lay.work) + (kStages * warp) * lay.raw_buf;
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    const int kk = s_begin + warp + s * kWarps;
+    if (kk < s_end) stage_step(a, table, h, kk, seq_len, raw0 + s * lay.raw_buf, lane);
+    cp_async_commit();
+  }
   int4* meta_s = reinterpret_cast<int4*>(smem + lay.meta);
+  int4* pmeta_s = reinterpret_cast<int4*>(smem + lay.pmeta);
   __half* lut_s = reinterpret_cast<__half*>(smem + lay.lut);
+  // Pair tables need an absolute alignment of 1024 B (the largest table) for the OR addressing.
+  const uint32_t pairs_k = (smem_addr(smem + lay.pairs) + 1023u) & ~1023u;
+  const uint32_t pairs_v = pairs_k + 4u * a.k.pair_n;
+  uint32_t* pairs_s = reinterpret_cast<uint32_t*>(smem + lay.pairs + (pairs_k - smem_addr(smem + lay.pairs)));
   for (int i = tid; i < G8; i += kThreads) {
     meta_s[i] = a.k.meta[h * G8 + i];
     meta_s[G8 + i] = a.v.meta[h * G8 + i];
+    int4 pk = a.k.pair_meta[h * G8 + i], pv = a.v.pair_meta[h * G8 + i];
+    pk.y += static_cast<int>(pairs_k);  // absolute shared addresses of the tables
+    pv.y += static_cast<int>(pairs_v);
+    pmeta_s[i] = pk;
+    pmeta_s[G8 + i] = pv;
   }
   for (int i = tid; i < a.k.lut_n; i += kThreads) lut_s[i] = a.k.lut16[static_cast<int64_t>(h) * a.k.lut_n + i];
   for (int i = tid; i < a.v.lut_n; i += kThreads)
     lut_s[a.k.lut_n + i] = a.v.lut16[static_cast<int64_t>(h) * a.v.lut_n + i];
+  for (int i = tid; i < a.k.pair_n; i += kThreads) pairs_s[i] = a.k.pairs[static_cast<int64_t>(h) * a.k.pair_n + i];
+  for (int i = tid; i < a.v.pair_n; i += kThreads)
+    pairs_s[a.k.pair_n + i] = a.v.pairs[static_cast<int64_t>(h) * a.v.pair_n + i];
   __syncthreads();
   const uint32_t lut_k = smem_addr(lut_s), lut_v = lut_k + 2u * a.k.lut_n;
 
-  // Stripes whose four groups all have <= 4 bits take the fast decode (warp-uniform branch).
+  // Stripes whose four groups all have <= 4 bits take the pair-table decode (warp-uniform branch).
   uint32_t fast_k = 0, fast_v = 0;
 #pragma unroll
   for (int p = 0; p < P; ++p) {
     bool fk = true, fv = true;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      fk &= meta_s[q * P + p].z <= 4;
-      fv &= meta_s[G8 + q * P + p].z <= 4;
+      fk &= meta_s[4 * p + q].z <= 4;
+      fv &= meta_s[G8 + 4 * p + q].z <= 4;
     }
     fast_k |= static_cast<uint32_t>(fk) << p;
     fast_v |= static_cast<uint32_t>(fv) << p;
@@ -225,7 +283,7 @@ __global__ void __launch_bounds__(kThreads, (D <= 128 && NQT == 1) ? 4 : 2) spli
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (live) v = *reinterpret_cast<const uint4*>(a.w16 + row * a.padded_dim + 8 * (c * P + p));
+      if (live) v = *reinterpret_cast<const uint4*>(a.w16 + row * a.padded_dim + 8 * (4 * p + c));
       wf[p][0][ri] = v.x;      // codes 0,1  (k = 2c, 2c+1 of k-step 2p)
       wf[p][0][ri + 2] = v.y;  // codes 2,3  (k = 2c+8, 2c+9)
       wf[p][1][ri] = v.z;      // codes 4,5  (k-step 2p+1)
@@ -233,13 +291,6 @@ __global__ void __launch_bounds__(kThreads, (D <= 128 && NQT == 1) ? 4 : 2) spli
     }
   }
 
-  const int seq_len = a.seq_lens[b];
-  const int n_sink = min(a.cache.sink_tokens, seq_len);
-  const int steps = (seq_len + kStep - 1) / kStep;
-  const int per = (steps + a.num_splits - 1) / a.num_splits;
-  const int s_begin = split * per;
-  const int s_end = min(s_begin + per, steps);
-  const int* table = a.block_table + static_cast<int64_t>(b) * a.s_bt;
 
   float m_run[2] = {-1e30f, -1e30f}, l_run[2] = {0.f, 0.f}, z_run[2] = {0.f, 0.f};
   float o[P][2][NQT][4];
@@ -252,14 +303,6 @@ __global__ void __launch_bounds__(kThreads, (D <= 128 && NQT == 1) ? 4 : 2) spli
 #pragma unroll
         for (int i = 0; i < 4; ++i) o[p][kk][qt][i] = 0.f;
 
-  // Warp w takes steps s_begin + w, + 2w, ...; kStages - 1 of them are always in flight.
-  const uint32_t raw0 = smem_addr(smem + lay.work) + (kStages * warp) * lay.raw_buf;
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    const int kk = s_begin + warp + s * kWarps;
-    if (kk < s_end) stage_step(a, table, h, kk, seq_len, raw0 + s * lay.raw_buf, lane);
-    cp_async_commit();
-  }
   int buf = 0;
   for (int k = s_begin + warp; k < s_end; k += kWarps) {
     const int ahead = k + (kStages - 1) * kWarps;
@@ -280,10 +323,16 @@ __global__ void __launch_bounds__(kThreads, (D <= 128 && NQT == 1) ? 4 : 2) spli
       const int pos = p0 + t;
       valid[j] = pos >= n_sink && pos < seq_len;
       const uint32_t row = rows + t * pitch;
-      ks[j] = a.k.mode >= 1 ? fp16_smem(row + a.k.field_offset) : 1.f;
-      kz[j] = a.k.mode == 2 ? fp16_smem(row + a.k.field_offset + 2) : 0.f;
-      vs[j] = a.v.mode >= 1 ? fp16_smem(row + a.v.field_offset) : 1.f;
-      vz[j] = a.v.mode == 2 ? fp16_smem(row + a.v.field_offset + 2) : 0.f;
+      ks[j] = 1.f;
+      kz[j] = 0.f;
+      vs[j] = 1.f;
+      vz[j] = 0.f;
+      if (kFields) {
+        ks[j] = a.k.mode >= 1 ? fp16_smem(row + a.k.field_offset) : 1.f;
+        kz[j] = a.k.mode == 2 ? fp16_smem(row + a.k.field_offset + 2) : 0.f;
+        vs[j] = a.v.mode >= 1 ? fp16_smem(row + a.v.field_offset) : 1.f;
+        vz[j] = a.v.mode == 2 ? fp16_smem(row + a.v.field_offset + 2) : 0.f;
+      }
       if (!valid[j]) {  // unread or foreign bytes: keep them out of the arithmetic (0 * NaN = NaN)
         ks[j] = 0.f;
         kz[j] = 0.f;
@@ -298,10 +347,15 @@ __global__ void __launch_bounds__(kThreads, (D <= 128 && NQT == 1) ? 4 : 2) spli
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       uint32_t k0[4], k1[4];
-      const bool fast = (fast_k >> p) & 1u;
-      const int4 m = meta_s[c * P + p];  // this lane's key group of stripe p
-      decode_group(row0, m, lut_k, fast, k0);
-      decode_group(row1, m, lut_k, fast, k1);
+      if ((fast_k >> p) & 1u) {
+        const int4 m = pmeta_s[4 * p + c];  // this lane's key group of stripe p
+        decode_pairs(window32(row0 + m.x), m.y, m.w, m.z, k0);
+        decode_pairs(window32(row1 + m.x), m.y, m.w, m.z, k1);
+      } else {
+        const int4 m = meta_s[4 * p + c];
+        decode_group(row0, m, lut_k, false, k0);
+        decode_group(row1, m, lut_k, false, k1);
+      }
       mma16816(sacc[0], wf[p][0][0], wf[p][0][1], wf[p][0][2], wf[p][0][3], k0[0], k0[1]);
       mma16816(sacc[1], wf[p][0][0], wf[p][0][1], wf[p][0][2], wf[p][0][3], k1[0], k1[1]);
       mma16816(sacc[0], wf[p][1][0], wf[p][1][1], wf[p][1][2], wf[p][1][3], k0[2], k0[3]);
@@ -361,10 +415,15 @@ __global__ void __launch_bounds__(kThreads, (D <= 128 && NQT == 1) ? 4 : 2) spli
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       uint32_t v0[4], v1[4];
-      const bool fast = (fast_v >> p) & 1u;
-      const int4 m = meta_s[G8 + c * P + p];
-      decode_group(row0, m, lut_v, fast, v0);
-      decode_group(row1, m, lut_v, fast, v1);
+      if ((fast_v >> p) & 1u) {
+        const int4 m = pmeta_s[G8 + 4 * p + c];
+        decode_pairs(window32(row0 + m.x), m.y, m.w, m.z, v0);
+        decode_pairs(window32(row1 + m.x), m.y, m.w, m.z, v1);
+      } else {
+        const int4 m = meta_s[G8 + 4 * p + c];
+        decode_group(row0, m, lut_v, false, v0);
+        decode_group(row1, m, lut_v, false, v1);
+      }
 #pragma unroll
       for (int kk = 0; kk < 2; ++kk) {
         const uint32_t a0 = transpose8x8(v0[2 * kk]);      // coords of pair 2kk, tokens 2c, 2c+1
@@ -398,8 +457,8 @@ __global__ void __launch_bounds__(kThreads, (D <= 128 && NQT == 1) ? 4 : 2) spli
     for (int kk = 0; kk < 2; ++kk)
 #pragma unroll
       for (int qt = 0; qt < NQT; ++qt) {
-        // m-tile row r < 8 is column r of pair 2kk: group (r/2)*P + p, code 4kk + r%2; row r+8: code + 2.
-        const int coord = 8 * ((quad >> 1) * P + p) + 4 * kk + (quad & 1);
+        // m-tile row r < 8 is column r of pair 2kk: group 4p + r/2, code 4kk + r%2; row r+8: code + 2.
+        const int coord = 8 * (4 * p + (quad >> 1)) + 4 * kk + (quad & 1);
         const int q = 8 * qt + 2 * c;
         float* dst = osm + (warp * QR + q) * D + coord;
         dst[0] = o[p][kk][qt][0];
@@ -440,42 +499,70 @@ __global__ void __launch_bounds__(kThreads, (D <= 128 && NQT == 1) ? 4 : 2) spli
   }
 }
 
-// ---- query rotation --------------------------------------------------------------------------------
+// ---- query rotation and merge: B x H CTAs of kRotThreads ----------------------------------------------
+//
+// Both are latency-bound at small batches (one CTA per (sequence, KV head), a D x D fp32 matrix read from
+// L2 per CTA): every thread keeps kRotUnroll independent loads in flight and the reduction over the
+// rotated dimension is split across thread chunks.
 
-__global__ void __launch_bounds__(kThreads) prep_kernel(const DecodeArgs a) {
+constexpr int kRotThreads = 512;
+
+// out[r][j] = sum_i in[r][i] * m[i * D + j] for r < G. in/out/scratch in shared memory (scratch:
+// [rot_chunks(D)][G][D] floats), m row-major D x D in global memory. Ends with __syncthreads().
+__host__ __device__ inline int rot_chunks(int D) {  // thread chunks splitting the sum: divides D, D * chunks <= kRotThreads
+  int chunks = kRotThreads / D;
+  while (D % chunks) --chunks;
+  return chunks;
+}
+
+__device__ __forceinline__ void rotate_rows(const float* in, const float* __restrict__ m, int D, int G,
+                                            float* scratch, float* out) {
+  const int tid = threadIdx.x;
+  const int chunks = rot_chunks(D);
+  const int j = tid % D, chunk = tid / D;
+  if (chunk < chunks) {
+    const int per = D / chunks;
+    float acc[kMaxGroup];
+#pragma unroll
+    for (int r = 0; r < kMaxGroup; ++r) acc[r] = 0.f;
+    column_dots(in, m, D, j, chunk * per, (chunk + 1) * per, G, acc);
+#pragma unroll
+    for (int r = 0; r < kMaxGroup; ++r)
+      if (r < G) scratch[(chunk * G + r) * D + j] = acc[r];
+  }
+  __syncthreads();
+  for (int i = tid; i < G * D; i += kRotThreads) {
+    float v = 0.f;
+    for (int k = 0; k < chunks; ++k) v += scratch[k * G * D + i];
+    out[i] = v;
+  }
+  __syncthreads();
+}
+
+__host__ __device__ inline int rot_scratch_floats(int D, int G) { return rot_chunks(D) * G * D; }
+
+__global__ void __launch_bounds__(kRotThreads) prep_kernel(const DecodeArgs a) {
   extern __shared__ __align__(16) float psm[];
   const int D = a.head_dim, DP = a.padded_dim;
   const int h = blockIdx.y, b = blockIdx.x;
   const int H = a.cache.num_kv_heads, G = a.num_q_heads / H;
-  float* qs = psm;           // [G][D] query
-  float* ws = qs + G * D;    // [G][D] rotated
-  float* scale_s = ws + G * D;  // [G] max |w|
+  float* qs = psm;                          // [G][D] query
+  float* ws = qs + G * D;                   // [G][D] rotated
+  float* scale_s = ws + G * D;              // [G] max |w|
+  float* scratch = scale_s + kMaxGroup;     // rotate_rows partials
   const int tid = threadIdx.x;
-  for (int i = tid; i < G * D; i += kThreads) {
+  for (int i = tid; i < G * D; i += kRotThreads) {
     const int r = i / D, d = i % D;
     qs[i] = load_float(a.query, b * a.s_qb + (h * G + r) * a.s_qh + d, a.q_dtype);
   }
   __syncthreads();
-  const float* basis = a.k.basis + static_cast<int64_t>(h) * D * D;
-  for (int e = tid; e < D; e += kThreads) {
-    float acc[kMaxGroup];
-#pragma unroll
-    for (int r = 0; r < kMaxGroup; ++r) acc[r] = 0.f;
-    for (int d = 0; d < D; ++d) {
-      const float u = __ldg(basis + static_cast<int64_t>(d) * D + e);
-#pragma unroll
-      for (int r = 0; r < kMaxGroup; ++r)
-        if (r < G) acc[r] = fmaf(qs[r * D + d], u, acc[r]);
-    }
-    const float f = a.k.scale[static_cast<int64_t>(h) * D + e] * a.qk_scale;
-#pragma unroll
-    for (int r = 0; r < kMaxGroup; ++r)
-      if (r < G) ws[r * D + e] = acc[r] * f;
-  }
+  rotate_rows(qs, a.k.basis + static_cast<int64_t>(h) * D * D, D, G, scratch, ws);
+  const float* kscale = a.k.scale + static_cast<int64_t>(h) * D;
+  for (int i = tid; i < G * D; i += kRotThreads) ws[i] *= kscale[i % D] * a.qk_scale;
   __syncthreads();
   const int warp = tid >> 5, lane = tid & 31;
   const float* mean = a.k.mean + static_cast<int64_t>(h) * D;
-  for (int r = warp; r < G; r += kWarps) {
+  for (int r = warp; r < G; r += kRotThreads / 32) {
     float base = 0.f, sum = 0.f, top = 0.f;
     for (int d = lane; d < D; d += 32) {
       base = fmaf(qs[r * D + d], mean[d], base);
@@ -493,7 +580,7 @@ __global__ void __launch_bounds__(kThreads) prep_kernel(const DecodeArgs a) {
     }
   }
   __syncthreads();
-  for (int i = tid; i < G * DP; i += kThreads) {
+  for (int i = tid; i < G * DP; i += kRotThreads) {
     const int r = i / DP, e = i % DP;
     const int64_t row = static_cast<int64_t>(b) * a.num_q_heads + h * G + r;
     a.w16[row * DP + e] = __float2half_rn(e < D ? ws[r * D + e] / scale_s[r] : 0.f);
@@ -502,7 +589,11 @@ __global__ void __launch_bounds__(kThreads) prep_kernel(const DecodeArgs a) {
 
 // ---- merge -------------------------------------------------------------------------------------------
 
-__global__ void __launch_bounds__(kThreads) merge_kernel(const DecodeArgs a) {
+__host__ __device__ inline int merge_smem_floats(int D, int G, int NS) {
+  return 2 * G * D + 2 * kMaxSinkTokens * D + G * NS + G * kMaxSinkTokens + G + rot_scratch_floats(D, G);
+}
+
+__global__ void __launch_bounds__(kRotThreads) merge_kernel(const DecodeArgs a) {
   extern __shared__ __align__(16) float msmem[];
   const int D = a.head_dim, DP = a.padded_dim, NS = a.num_splits;
   const int b = blockIdx.x, h = blockIdx.y;
@@ -512,17 +603,19 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const DecodeArgs a) {
   const int seq_len = a.seq_lens[b];
   const int n_sink = min(c.sink_tokens, seq_len);
 
-  float* acc_s = msmem;                    // [G][D] merged acc * scale_V
-  float* ksink = acc_s + G * D;            // [kMaxSinkTokens][D]
+  float* acc_s = msmem;                        // [G][D] merged acc * scale_V
+  float* rot_s = acc_s + G * D;                // [G][D] acc_s @ U_V^T
+  float* ksink = rot_s + G * D;                // [kMaxSinkTokens][D]
   float* vsink = ksink + kMaxSinkTokens * D;
   float* weight = vsink + kMaxSinkTokens * D;  // [G][NS] split weights / total
-  float* sinkw = weight + G * NS;          // [G][kMaxSinkTokens]
-  float* mass = sinkw + G * kMaxSinkTokens;  // [G]
+  float* sinkw = weight + G * NS;              // [G][kMaxSinkTokens]
+  float* mass = sinkw + G * kMaxSinkTokens;    // [G]
+  float* scratch = mass + G;                   // rotate_rows partials
 
   if (n_sink > 0) {
     const uint8_t* first = c.data + static_cast<int64_t>(a.block_table[static_cast<int64_t>(b) * a.s_bt]) * c.s_blk +
                            static_cast<int64_t>(h) * c.s_head;
-    for (int i = tid; i < n_sink * D; i += kThreads) {
+    for (int i = tid; i < n_sink * D; i += kRotThreads) {
       const int k = i / D, d = i % D;
       const int byte = k * 4 * D + 2 * d;
       const uint8_t kp[2] = {first[spill_offset(c, byte)], first[spill_offset(c, byte + 1)]};
@@ -534,7 +627,7 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const DecodeArgs a) {
   __syncthreads();
 
   const int64_t part0 = (static_cast<int64_t>(b) * H + h) * NS * a.padded_group;
-  for (int r = warp; r < G; r += kWarps) {
+  for (int r = warp; r < G; r += kRotThreads / 32) {
     const int qh = h * G + r;
     // Exact sink scores q . k (log2 units).
     float sig[kMaxSinkTokens];
@@ -570,33 +663,30 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const DecodeArgs a) {
   __syncthreads();
 
   const float* scale_v = a.v.scale + static_cast<int64_t>(h) * D;
-  for (int i = tid; i < G * D; i += kThreads) {
+  for (int i = tid; i < G * D; i += kRotThreads) {
     const int r = i / D, e = i % D;
+    const float* po = a.part_o + (part0 + r) * DP + e;
+    const int64_t stride = static_cast<int64_t>(a.padded_group) * DP;
     float v = 0.f;
-    for (int s = 0; s < NS; ++s) v = fmaf(weight[r * NS + s], a.part_o[(part0 + s * a.padded_group + r) * DP + e], v);
+    for (int s0 = 0; s0 < NS; s0 += 8) {  // 8 loads in flight before their FMAs
+      float x[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) x[k] = s0 + k < NS ? __ldg(po + (s0 + k) * stride) : 0.f;
+#pragma unroll
+      for (int k = 0; k < 8; ++k)
+        if (s0 + k < NS) v = fmaf(weight[r * NS + s0 + k], x[k], v);
+    }
     acc_s[i] = v * scale_v[e];
   }
   __syncthreads();
+  rotate_rows(acc_s, a.v.basis_t + static_cast<int64_t>(h) * D * D, D, G, scratch, rot_s);
 
-  const float* basis_t = a.v.basis_t + static_cast<int64_t>(h) * D * D;
   const float* mean = a.v.mean + static_cast<int64_t>(h) * D;
-  for (int j = tid; j < D; j += kThreads) {
-    float out[kMaxGroup];
-#pragma unroll
-    for (int r = 0; r < kMaxGroup; ++r) out[r] = 0.f;
-    for (int e = 0; e < D; ++e) {
-      const float u = __ldg(basis_t + static_cast<int64_t>(e) * D + j);
-#pragma unroll
-      for (int r = 0; r < kMaxGroup; ++r)
-        if (r < G) out[r] = fmaf(acc_s[r * D + e], u, out[r]);
-    }
-#pragma unroll
-    for (int r = 0; r < kMaxGroup; ++r) {
-      if (r >= G) break;
-      float v = fmaf(mass[r], mean[j], out[r]);
-      for (int k = 0; k < n_sink; ++k) v = fmaf(sinkw[r * kMaxSinkTokens + k], vsink[k * D + j], v);
-      store_float(a.out, b * a.s_ob + (h * G + r) * a.s_oh + j, a.out_dtype, v);
-    }
+  for (int i = tid; i < G * D; i += kRotThreads) {
+    const int r = i / D, j = i % D;
+    float v = fmaf(mass[r], mean[j], rot_s[i]);
+    for (int k = 0; k < n_sink; ++k) v = fmaf(sinkw[r * kMaxSinkTokens + k], vsink[k * D + j], v);
+    store_float(a.out, b * a.s_ob + (h * G + r) * a.s_oh + j, a.out_dtype, v);
   }
 }
 
@@ -612,21 +702,26 @@ cudaError_t allow_max_smem(Kernel kernel, bool& done) {
   return e;
 }
 
-template <int D, int NQT>
+template <int D, int NQT, bool kFields>
 cudaError_t launch_split(const DecodeArgs& a, cudaStream_t stream) {
-  const SplitSmem lay = split_smem(D, NQT, a.k.lut_n, a.v.lut_n, a.pitch);
+  const SplitSmem lay = split_smem(D, NQT, a.k.lut_n, a.v.lut_n, a.k.pair_n, a.v.pair_n, a.pitch);
   static bool smem_ready = false;
-  const cudaError_t e = allow_max_smem(split_kernel<D, NQT>, smem_ready);
+  const cudaError_t e = allow_max_smem(split_kernel<D, NQT, kFields>, smem_ready);
   if (e != cudaSuccess) return e;
   const dim3 grid(a.num_splits, a.cache.num_kv_heads, a.batch);
-  split_kernel<D, NQT><<<grid, kThreads, lay.total, stream>>>(a);
+  split_kernel<D, NQT, kFields><<<grid, kThreads, lay.total, stream>>>(a);
   return cudaGetLastError();
+}
+
+template <int D, bool kFields>
+cudaError_t launch_split_f(const DecodeArgs& a, cudaStream_t stream) {
+  const int group = a.num_q_heads / a.cache.num_kv_heads;
+  return group <= 8 ? launch_split<D, 1, kFields>(a, stream) : launch_split<D, 2, kFields>(a, stream);
 }
 
 template <int D>
 cudaError_t launch_split_d(const DecodeArgs& a, cudaStream_t stream) {
-  const int group = a.num_q_heads / a.cache.num_kv_heads;
-  return group <= 8 ? launch_split<D, 1>(a, stream) : launch_split<D, 2>(a, stream);
+  return (a.k.mode != 0 || a.v.mode != 0) ? launch_split_f<D, true>(a, stream) : launch_split_f<D, false>(a, stream);
 }
 
 }  // namespace
@@ -643,8 +738,13 @@ cudaError_t launch_decode(const DecodeArgs& a, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   const int G = a.num_q_heads / a.cache.num_kv_heads;
   const dim3 heads(a.batch, a.cache.num_kv_heads);
-  prep_kernel<<<heads, kThreads, sizeof(float) * (2 * G * a.head_dim + G), stream>>>(a);
-  cudaError_t e = cudaGetLastError();
+  static bool merge_ready = false, prep_ready = false;
+  cudaError_t e = allow_max_smem(merge_kernel, merge_ready);
+  if (e == cudaSuccess) e = allow_max_smem(prep_kernel, prep_ready);
+  if (e != cudaSuccess) return e;
+  const size_t prep_smem = sizeof(float) * (2 * G * a.head_dim + kMaxGroup + rot_scratch_floats(a.head_dim, G));
+  prep_kernel<<<heads, kRotThreads, prep_smem, stream>>>(a);
+  e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   switch (a.head_dim) {
     case 32: e = launch_split_d<32>(a, stream); break;
@@ -654,9 +754,8 @@ cudaError_t launch_decode(const DecodeArgs& a, cudaStream_t stream) {
     default: e = launch_split_d<256>(a, stream); break;
   }
   if (e != cudaSuccess) return e;
-  const size_t merge_smem =
-      sizeof(float) * (G * a.head_dim + 2 * kMaxSinkTokens * a.head_dim + G * a.num_splits + G * kMaxSinkTokens + G);
-  merge_kernel<<<heads, kThreads, merge_smem, stream>>>(a);
+  const size_t merge_smem = sizeof(float) * merge_smem_floats(a.head_dim, G, a.num_splits);
+  merge_kernel<<<heads, kRotThreads, merge_smem, stream>>>(a);
   return cudaGetLastError();
 }
 

@@ -75,6 +75,26 @@ __device__ __forceinline__ int64_t spill_offset(const Cache& c, int i) {
   return static_cast<int64_t>(i / c.sink_bytes) * c.s_tok + c.slot_bytes + i % c.sink_bytes;
 }
 
+// acc[r] += sum over i in [i0, i1), ascending, of in[r * D + i] * m[i * D + j], for r < rows (<= kRows).
+// `m` is a D x D fp32 matrix in global memory read down column j; its loads are issued 8 at a time
+// before their FMAs, so a thread has 8 in flight (these loops are latency-bound at small batches).
+template <int kRows>
+__device__ __forceinline__ void column_dots(const float* in, const float* __restrict__ m, int D, int j, int i0, int i1,
+                                            int rows, float (&acc)[kRows]) {
+  for (int i = i0; i < i1; i += 8) {
+    float u[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) u[k] = i + k < i1 ? __ldg(m + static_cast<int64_t>(i + k) * D + j) : 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      if (i + k >= i1) break;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+        if (r < rows) acc[r] = fmaf(in[r * D + i + k], u[k], acc[r]);
+    }
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

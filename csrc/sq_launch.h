@@ -37,6 +37,9 @@ struct Component {
   const float* lut32;     // [H, lut_n] levels (sigma units)
   const __half* lut16;    // [H, lut_n]
   int lut_n;
+  const int4* pair_meta;  // [H, G]: slot byte offset, pair-table byte offset, 2 * bits, pair mask << 2
+  const uint32_t* pairs;  // [H, pair_n] half2 pair tables of the groups of <= 4 bits
+  int pair_n;
   const float* basis;     // [H, D, D] U
   const float* basis_t;   // [H, D, D] U^T
   const float* mean;      // [H, D]

@@ -1,7 +1,8 @@
 // torch custom ops `torch.ops.spectralquant.*` over the CUDA kernels (sq_store.cu, sq_decode.cu, sq_gather.cu).
 //
 // Called from vllm_spectralquant/ops/cuda_ext.py, which passes the KernelCodec tensors as
-//   params = [meta int32 [H,G,4], lut32 f32 [H,N], lut16 f16 [H,N], basis, basis_t f32 [H,D,D], mean, scale f32 [H,D]]
+//   params = [meta int32 [H,G,4], lut32 f32 [H,N], lut16 f16 [H,N], basis, basis_t f32 [H,D,D], mean, scale f32 [H,D],
+//             pair_meta int32 [H,G,4], pairs int32 [H,PN]]
 // and the geometry as
 //   info = [block_size, slot_bytes, sink_bytes, sink_tokens, k_mode, k_field, v_mode, v_field, ...].
 // All ops run on the current stream, write in place, allocate nothing and never synchronise.
@@ -34,8 +35,9 @@ void check_cuda(const Tensor& t, const char* name) {
 }
 
 sq::Component component(at::TensorList p, int64_t mode, int64_t field) {
-  TORCH_CHECK(p.size() == 7, "spectralquant: a component takes 7 parameter tensors, got ", p.size());
-  TORCH_CHECK(p[0].scalar_type() == at::kInt && p[0].is_contiguous(), "spectralquant: meta must be contiguous int32");
+  TORCH_CHECK(p.size() == 9, "spectralquant: a component takes 9 parameter tensors, got ", p.size());
+  TORCH_CHECK(p[0].scalar_type() == at::kInt && p[7].scalar_type() == at::kInt && p[8].scalar_type() == at::kInt,
+              "spectralquant: meta, pair_meta and pairs must be int32");
   for (size_t i = 0; i < p.size(); ++i) {
     check_cuda(p[i], "codec parameter");
     TORCH_CHECK(p[i].is_contiguous(), "spectralquant: codec parameters must be contiguous");
@@ -49,6 +51,9 @@ sq::Component component(at::TensorList p, int64_t mode, int64_t field) {
   c.basis_t = p[4].data_ptr<float>();
   c.mean = p[5].data_ptr<float>();
   c.scale = p[6].data_ptr<float>();
+  c.pair_meta = reinterpret_cast<const int4*>(p[7].data_ptr<int32_t>());
+  c.pairs = reinterpret_cast<const uint32_t*>(p[8].data_ptr<int32_t>());
+  c.pair_n = static_cast<int>(p[8].size(1));
   c.mode = static_cast<int>(mode);
   c.field_offset = static_cast<int>(field);
   return c;

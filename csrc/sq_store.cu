@@ -63,11 +63,7 @@ __device__ void encode_component(const StoreArgs& a, const Component& comp, cons
     float acc[kTokens];
 #pragma unroll
     for (int t = 0; t < kTokens; ++t) acc[t] = 0.f;
-    for (int d = d0; d < d1; ++d) {
-      const float u = __ldg(basis + static_cast<int64_t>(d) * D + e);
-#pragma unroll
-      for (int t = 0; t < kTokens; ++t) acc[t] = fmaf(xs[t * D + d], u, acc[t]);
-    }
+    column_dots(xs, basis, D, e, d0, d1, kTokens, acc);
 #pragma unroll
     for (int t = 0; t < kTokens; ++t) partial[(part * kTokens + t) * D + e] = acc[t];
   }

@@ -15,15 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernel_cases import CASES, case_id, check_kernels_against_reference, fresh_seed
+
 from vllm_spectralquant.format import PRESETS, CacheGeometry, paged_attention
 from vllm_spectralquant.format.paged import store_kv as reference_store
-from vllm_spectralquant.format.reference_attention import gather_context as reference_gather
 from vllm_spectralquant.format.synthetic import random_codec, random_paged_batch
-
-#: fp16 levels and queries feed the decode dots (fp32 accumulation): errors ~1e-3 of the output norm.
-DECODE_TOL = 5e-3
-#: store and gather are fp32 throughout.
-GATHER_TOL = 1e-5
 
 
 def test_triton_kernels_in_interpreter_process():
@@ -43,88 +39,17 @@ def test_triton_kernels_in_interpreter_process():
     assert " passed" in summary and "skipped" not in summary and "failed" not in summary, summary
 
 
-def _fresh_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little") % 2**31
-
-
-# (preset, head_dim, kv_heads, group, block_size, sink_tokens, seq_lens)
-CASES = [
-    ("sq2_5bit", 64, 2, 4, 16, 1, [1, 17, 40, 33]),
-    ("sq3bit", 32, 1, 1, 32, 0, [5, 64, 1]),
-    ("sq4bit", 64, 1, 4, 32, 1, [70, 1, 31]),
-    ("tq2_5bit", 64, 2, 1, 16, 0, [16, 3, 49]),
-    ("tq3bit", 32, 2, 4, 16, 1, [1, 2, 47]),
-    ("tq4bit", 64, 1, 4, 16, 1, [33, 18]),
-    ("sq2_5bit", 32, 3, 1, 32, 1, [100, 9]),
-]
-
-
-def _case_id(case) -> str:
-    name, d, h, g, bs, sink, lens = case
-    return f"{name}-d{d}-h{h}-g{g}-bs{bs}-sink{sink}"
-
-
-def _token_major(cache: torch.Tensor) -> torch.Tensor:
-    """The same cache in vLLM's default token-major layout: logical [N, H, bs, C], physical [N, bs, H, C]."""
-    n, h, bs, c = cache.shape
-    out = torch.empty(n, bs, h, c, dtype=cache.dtype).permute(0, 2, 1, 3)
-    out.copy_(cache)
-    return out
-
-
 #: Run only in the TRITON_INTERPRET=1 child process (deselected elsewhere by tests/conftest.py).
 interpreted = pytest.mark.triton_interpreter
 
 
 @interpreted
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("layout", ["contiguous", "token_major"])
 def test_triton_matches_reference(case, layout):
     from vllm_spectralquant.ops import triton_kernels
 
-    name, d, h, g, bs, sink, lens = case
-    seed = _fresh_seed()
-    codec = random_codec(PRESETS[name], d, h, seed=seed)
-    batch = random_paged_batch(
-        codec, lens, [1] * len(lens), block_size=bs, num_query_heads=h * g, sink_tokens=sink, padding_tokens=2, seed=seed
-    )
-    geo = batch.geometry
-    cache = batch.kv_cache if layout == "contiguous" else _token_major(batch.kv_cache)
-    msg = f"seed {seed}"
-
-    # store: new tokens (some skipped with -1, some landing on sink offsets) into a copy of the cache
-    gen = torch.Generator().manual_seed(seed)
-    n = 37
-    key = torch.randn(n + 3, h, d, generator=gen) * 3 + 1  # 3 padding rows past len(slot_mapping)
-    value = torch.randn(n + 3, h, d, generator=gen)
-    slots = torch.randperm(cache.shape[0] * bs, generator=gen)[:n]
-    slots[::7] = -1
-    expected = batch.kv_cache.clone()
-    reference_store(key, value, expected, slots, codec, geo, strict=False)
-    written = cache.clone()
-    triton_kernels.store_kv(key, value, written, slots, codec, geo)
-    mismatch = (written != expected).float().mean().item()
-    # Codes can differ only where fp32 summation order moves a coordinate across a midpoint.
-    assert mismatch < 2e-3, f"{msg}: {mismatch:.2%} of cache bytes differ from the reference store"
-
-    # decode: one query token per sequence, output poisoned; padding rows must stay untouched
-    scale = d**-0.5
-    out = torch.full((len(lens) + 2, h * g, d), float("nan"))
-    triton_kernels.decode_attention(batch.query, cache, batch.block_table, batch.seq_lens, codec, geo, scale, out)
-    ref = paged_attention(batch.query, batch.kv_cache, batch.block_table, batch.seq_lens, batch.query_start_loc, codec, geo, scale)
-    got = out[: len(lens)]
-    assert torch.isfinite(got).all(), msg
-    rel = ((got - ref[: len(lens)]).norm() / ref[: len(lens)].norm()).item()
-    assert rel < DECODE_TOL, f"{msg}: decode relative error {rel:.2e}"
-    assert torch.isnan(out[len(lens) :]).all(), f"{msg}: rows past the batch were written"
-
-    # gather: dense dequantised context
-    k, v = triton_kernels.gather_context(cache, batch.block_table, batch.seq_lens, codec, geo)
-    k_ref, v_ref = reference_gather(batch.kv_cache, batch.block_table, batch.seq_lens, codec, geo)
-    for got_, want, what in ((k, k_ref, "K"), (v, v_ref, "V")):
-        assert got_.shape == want.shape
-        rel = ((got_ - want).norm() / want.norm()).item()
-        assert rel < GATHER_TOL, f"{msg}: gather {what} relative error {rel:.2e}"
+    check_kernels_against_reference(triton_kernels, case, layout, torch.device("cpu"))
 
 
 @interpreted
@@ -133,7 +58,7 @@ def test_store_nonfinite_input_is_defined(name):
     """Non-finite input is saturated first (NaN -> 0, +-inf -> +-65504), codes and exact sink copy alike."""
     from vllm_spectralquant.ops import triton_kernels
 
-    seed = _fresh_seed()
+    seed = fresh_seed()
     codec = random_codec(PRESETS[name], 32, 1, seed=seed)
     geo = CacheGeometry.for_codec(codec, 16, 1)
     gen = torch.Generator().manual_seed(seed)
@@ -153,7 +78,7 @@ def test_store_nonfinite_input_is_defined(name):
 def test_decode_with_bf16_query_and_output():
     from vllm_spectralquant.ops import triton_kernels
 
-    seed = _fresh_seed()
+    seed = fresh_seed()
     codec = random_codec(PRESETS["tq3bit"], 64, 2, seed=seed)
     batch = random_paged_batch(codec, [30, 1, 65], [1, 1, 1], block_size=16, num_query_heads=8, seed=seed)
     q = batch.query.bfloat16()

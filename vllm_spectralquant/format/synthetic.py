@@ -27,13 +27,20 @@ def random_bits(num_kv_heads: int, groups: int, budget: int, gen: torch.Generato
     return k_bits, v_bits
 
 
-def random_codec(preset: Preset, head_dim: int, num_kv_heads: int, seed: int = 0) -> LayerCodec:
-    """A valid codec with random orthonormal bases, means, scales and bit allocations."""
+def random_codec(preset: Preset, head_dim: int, num_kv_heads: int, seed: int = 0, widest_first: bool = False) -> LayerCodec:
+    """A valid codec with random orthonormal bases, means, scales and bit allocations.
+
+    ``widest_first``: each head's key and value groups get their random bits sorted in descending
+    order, the shape of a calibrated allocation (groups follow PCA importance).
+    """
     if preset.method == "turboquant":
         return turboquant_codec(preset, head_dim, num_kv_heads)
     gen = torch.Generator().manual_seed(seed)
     groups = head_dim // GROUP_SIZE
     k_bits, v_bits = random_bits(num_kv_heads, groups, preset.data_bytes(head_dim), gen)
+    if widest_first:
+        k_bits = torch.sort(k_bits, dim=-1, descending=True).values.contiguous()
+        v_bits = torch.sort(v_bits, dim=-1, descending=True).values.contiguous()
 
     def component(bits: torch.Tensor, mode) -> ComponentCodec:
         basis = torch.linalg.qr(torch.randn(num_kv_heads, head_dim, head_dim, generator=gen, dtype=torch.float64))[0]

@@ -148,7 +148,7 @@ def decode_supported(codec: LayerCodec, geometry: CacheGeometry, num_query_heads
 
 
 def _params(c: KernelComponent) -> list[torch.Tensor]:
-    return [c.meta, c.lut32, c.lut16, c.basis, c.basis_t, c.mean, c.scale]
+    return [c.meta, c.lut32, c.lut16, c.basis, c.basis_t, c.mean, c.scale, c.pair_meta, c.pairs]
 
 
 def _info(geometry: CacheGeometry, kc) -> list[int]:

@@ -4,6 +4,10 @@ Everything here is derived from ``vllm_spectralquant.format`` (bit widths, slot 
 bases); nothing restates the format. Two views of the same codes:
 
 * per group (CUDA): ``meta`` int32 [H, G, 4] = (slot byte offset, LUT entry offset, bits, mask);
+  for the decode kernel also ``pair_meta`` int32 [H, G, 4] = (slot byte offset, pair-table byte
+  offset, 2 * bits, pair-index mask << 2) over ``pairs``: for every group of <= 4 bits, a table of
+  ``4**bits`` half2 entries, entry ``c0 | c1 << bits`` = (level[c0], level[c1]), so one 32-bit
+  shared-memory load decodes two consecutive codes straight into an MMA operand register;
 * per coordinate (Triton): int32 [H, DP] arrays giving, for rotated coordinate ``j``, the slot byte
   holding its first bit, the bit shift inside that byte, whether the code spills into the next byte,
   the code mask and the LUT offset of its group. ``DP`` is ``head_dim`` rounded up to a power of 2
@@ -11,10 +15,11 @@ bases); nothing restates the format. Two views of the same codes:
 
 Codebook levels are stored compactly: group ``g`` of head ``h`` owns ``2**bits`` entries starting
 at ``lut_offset[h, g]`` of ``lut32[h]`` / ``lut16[h]`` (float32 for store/gather, float16 for the
-decode kernels' tensor-core operands). Tables are laid out in *stripes* of four groups
-``{c * P + p : c = 0..3}`` (``P = G / 4``), the groups the four lanes of an MMA quad decode at the
-same time, each table aligned to its own size: small tables of a stripe then sit in distinct
-shared-memory banks.
+decode kernels' tensor-core operands). Tables are laid out in *stripes* of four consecutive groups
+``{4 p + c : c = 0..3}``, the groups the four lanes of an MMA quad decode at the same time (groups
+are ordered by importance, so the few wide groups share a stripe and the decode kernel's choice of
+path per stripe stays warp-uniform), each table aligned to its own size: small tables of a stripe
+then sit in distinct shared-memory banks.
 """
 
 from __future__ import annotations
@@ -28,6 +33,12 @@ from vllm_spectralquant.format.params import ComponentCodec, LayerCodec
 from vllm_spectralquant.format.presets import GROUP_SIZE
 
 
+#: Groups decoded side by side by the four lanes of an MMA quad (csrc/sq_decode.cu: group 4 p + c).
+STRIPE_GROUPS = 4
+#: Groups of at most this many bits decode two codes per pair-table lookup in the CUDA kernel.
+PAIR_MAX_BITS = 4
+
+
 def padded_dim(head_dim: int) -> int:
     """Smallest power of 2 >= head_dim (Triton block shapes must be powers of 2)."""
     return 1 << (head_dim - 1).bit_length()
@@ -36,24 +47,55 @@ def padded_dim(head_dim: int) -> int:
 def _lut_layout(bits: torch.Tensor) -> tuple[torch.Tensor, int]:
     """LUT entry offsets int32 [H, G] and the entries per head (max over heads, a multiple of 8)."""
     h, g = bits.shape
-    stripes = g // 4 if g % 4 == 0 else 0
+    stripe = STRIPE_GROUPS if g % STRIPE_GROUPS == 0 else g
     offsets = torch.zeros(h, g, dtype=torch.int32)
     size = 0
     for head in range(h):
         sizes = [1 << int(b) for b in bits[head]]
-        if stripes:
-            order = [c * stripes + p for p in range(stripes) for c in range(4)]
-        else:
-            order = list(range(g))
         cursor = 0
         # Within a stripe, largest tables first: every table starts at a multiple of its size.
-        for start in range(0, g, 4 if stripes else g):
-            for grp in sorted(order[start : start + (4 if stripes else g)], key=lambda x: -sizes[x]):
+        for start in range(0, g, stripe):
+            for grp in sorted(range(start, start + stripe), key=lambda x: -sizes[x]):
                 cursor = -(-cursor // sizes[grp]) * sizes[grp]
                 offsets[head, grp] = cursor
                 cursor += sizes[grp]
         size = max(size, cursor)
     return offsets, -(-size // 8) * 8
+
+
+def _pair_tables(bits: torch.Tensor, lut16: torch.Tensor, lut_off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair tables of the groups of <= PAIR_MAX_BITS bits: (int32 [H, G] byte offsets, int32 [H, N] entries).
+
+    Entry ``c0 | c1 << b`` holds the fp16 bit patterns of level[c0] (low half) and level[c1] (high
+    half). Tables are placed largest first, so each starts at a multiple of its own size, and N is a
+    multiple of 256 entries (1 KiB): the kernel forms an entry's address as ``base | (index << 2)``
+    with the key and value regions back to back from a 1 KiB-aligned base.
+    """
+    h, g = bits.shape
+    raw = lut16.view(torch.int16).to(torch.int64) & 0xFFFF  # [H, LUTN] fp16 bit patterns
+    offsets = torch.zeros(h, g, dtype=torch.int64)
+    tables: list[torch.Tensor] = []
+    for head in range(h):
+        small = [grp for grp in range(g) if int(bits[head, grp]) <= PAIR_MAX_BITS]
+        cursor, parts = 0, []
+        for grp in sorted(small, key=lambda x: -int(bits[head, x])):
+            b = int(bits[head, grp])
+            levels = raw[head, int(lut_off[head, grp]) : int(lut_off[head, grp]) + (1 << b)]
+            idx = torch.arange(1 << (2 * b))
+            entry = levels[idx & ((1 << b) - 1)] | (levels[idx >> b] << 16)
+            offsets[head, grp] = 4 * cursor
+            parts.append(entry)
+            cursor += entry.numel()
+        tables.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64))
+    # A whole number of the largest table (256 entries): the value tables follow the key tables in
+    # the kernel's shared memory and must keep the alignment.
+    n = -(-max(1, max(t.numel() for t in tables)) // 256) * 256
+    out = torch.zeros(h, n, dtype=torch.int64)
+    for head, t in enumerate(tables):
+        out[head, : t.numel()] = t
+    # Two's-complement int32 view of the uint32 entries.
+    out = torch.where(out >= 1 << 31, out - (1 << 32), out)
+    return offsets.to(torch.int32), out.to(torch.int32)
 
 
 @dataclass(frozen=True)
@@ -65,6 +107,8 @@ class KernelComponent:
     meta: torch.Tensor  # int32 [H, G, 4]: byte offset, LUT offset, bits, mask
     lut32: torch.Tensor  # float32 [H, LUTN] codebook levels (sigma units)
     lut16: torch.Tensor  # float16 [H, LUTN]
+    pair_meta: torch.Tensor  # int32 [H, G, 4]: byte offset, pair-table byte offset, 2 * bits, mask << 2
+    pairs: torch.Tensor  # int32 [H, PN]: half2 pair tables of the groups of <= PAIR_MAX_BITS bits
     basis: torch.Tensor  # float32 [H, D, D]  U (rotated = (x - mean) @ U)
     basis_t: torch.Tensor  # float32 [H, D, D]  U^T, contiguous (x = rotated @ U^T + mean)
     mean: torch.Tensor  # float32 [H, D]
@@ -92,6 +136,20 @@ def _component(comp: ComponentCodec, field_offset: int, group_offsets: torch.Ten
             lut[head, lut_off[head, grp] : lut_off[head, grp] + n] = cb[head, grp, :n]
     mask = (1 << bits) - 1
     meta = torch.stack([offsets.to(torch.int32), lut_off, bits, mask], dim=-1)
+    lut16 = lut.to(torch.float16)
+    pair_off, pairs = _pair_tables(bits, lut16, lut_off)
+    # 2 * bits steps the kernel's shifts from one code pair to the next (2 for 0-bit groups, whose
+    # mask is 0, keeps every shift non-negative); wide groups get mask 0 (they take the LUT path).
+    small = bits <= PAIR_MAX_BITS
+    pair_meta = torch.stack(
+        [
+            offsets.to(torch.int32),
+            pair_off,
+            torch.where(bits == 0, 2, 2 * bits).to(torch.int32),
+            torch.where(small, ((1 << (2 * bits.clamp(max=PAIR_MAX_BITS))) - 1) << 2, 0).to(torch.int32),
+        ],
+        dim=-1,
+    )
 
     j = torch.arange(d)
     bj = bits[:, j // GROUP_SIZE].long()  # [H, D]
@@ -107,7 +165,9 @@ def _component(comp: ComponentCodec, field_offset: int, group_offsets: torch.Ten
         field_offset=field_offset,
         meta=meta.contiguous().to(device),
         lut32=lut.to(device),
-        lut16=lut.to(torch.float16).to(device),
+        lut16=lut16.to(device),
+        pair_meta=pair_meta.contiguous().to(device),
+        pairs=pairs.contiguous().to(device),
         basis=comp.basis.detach().to(device, torch.float32).contiguous(),
         basis_t=comp.basis.detach().to(device, torch.float32).transpose(1, 2).contiguous(),
         mean=comp.mean.detach().to(device, torch.float32).contiguous(),
@@ -166,4 +226,4 @@ def kernel_codec(codec: LayerCodec, device: torch.device | str) -> KernelCodec:
     return built
 
 
-__all__ = ["KernelCodec", "KernelComponent", "kernel_codec", "padded_dim"]
+__all__ = ["PAIR_MAX_BITS", "STRIPE_GROUPS", "KernelCodec", "KernelComponent", "kernel_codec", "padded_dim"]
