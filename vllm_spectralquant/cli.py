@@ -173,12 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vllm_spectralquant.artifact.errors import ArtifactError
-    from vllm_spectralquant.calibrate.errors import CalibrationError
-    from vllm_spectralquant.corpus import CorpusError
-    from vllm_spectralquant.evaluation.run import EvalError
-    from vllm_spectralquant.format.errors import FormatError
-    from vllm_spectralquant.models.errors import ModelError
+    from vllm_spectralquant.errors import SpectralQuantError
 
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
@@ -186,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except BrokenPipeError:  # output piped into e.g. `head`
         return 0
-    except (FormatError, ArtifactError, CalibrationError, ModelError, CorpusError, EvalError, OSError) as e:
+    except (SpectralQuantError, OSError) as e:
         # Their messages name the cause and the fix; a traceback would only hide that.
         print(f"spectralquant {args.command}: error: {e}", file=sys.stderr)
         return 2

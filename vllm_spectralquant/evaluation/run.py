@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vllm_spectralquant.errors import SpectralQuantError
 from vllm_spectralquant.evaluation.metrics import common_prefix, greedy_many, perplexity
 from vllm_spectralquant.evaluation.needle import build_trials, pass_rate
 from vllm_spectralquant.format.presets import PRESETS, get_preset
@@ -31,7 +32,7 @@ from vllm_spectralquant.format.presets import PRESETS, get_preset
 REFERENCE = "bf16"
 
 
-class EvalError(Exception):
+class EvalError(SpectralQuantError):
     """The eval cannot give a trustworthy answer (bad options, a resumed report that does not match, a
     compressed run that shows no sign of the compressed path); the message names the cause."""
 
