@@ -24,6 +24,7 @@ import torch
 from vllm_spectralquant.artifact.errors import ArtifactError
 from vllm_spectralquant.artifact.fingerprint import fingerprint, read_config
 from vllm_spectralquant.artifact.manifest import CorpusInfo, PresetEntry, preset_file
+from vllm_spectralquant.artifact.schema import COMPONENTS, tensor_name
 from vllm_spectralquant.artifact.store import check_destination, default_artifact_dir, write_artifact
 from vllm_spectralquant.calibrate.collect import ModelStats
 from vllm_spectralquant.calibrate.errors import CalibrationError
@@ -272,20 +273,20 @@ def expected_rel_mse(fit: ModelFit, preset: str) -> tuple[torch.Tensor, torch.Te
 def artifact_tensors(fit: ModelFit) -> tuple[dict[str, torch.Tensor], dict[str, tuple[PresetEntry, dict[str, torch.Tensor]]]]:
     """The fit as stacked [L, H, ...] tensors for the artifact files."""
     bases: dict[str, torch.Tensor] = {}
-    for comp in ("key", "value"):
+    for comp in COMPONENTS:
         layers = [getattr(b, comp) for b in fit.bases]
-        bases[f"{comp}.mean"] = torch.stack([c.mean for c in layers]).float()
-        bases[f"{comp}.basis"] = torch.stack([c.basis for c in layers]).float()
-        bases[f"{comp}.scale"] = torch.stack([c.sigma for c in layers]).float()
-        bases[f"{comp}.eigvals"] = torch.stack([c.spectrum.eigvals for c in layers]).float()
+        bases[tensor_name(comp, "mean")] = torch.stack([c.mean for c in layers]).float()
+        bases[tensor_name(comp, "basis")] = torch.stack([c.basis for c in layers]).float()
+        bases[tensor_name(comp, "scale")] = torch.stack([c.sigma for c in layers]).float()
+        bases[tensor_name(comp, "eigvals")] = torch.stack([c.spectrum.eigvals for c in layers]).float()
     presets = {}
     d = fit.shape.head_dim
     for name, codecs in fit.codecs.items():
         p = PRESETS[name]
         tensors = {}
-        for comp in ("key", "value"):
-            tensors[f"{comp}.bits"] = torch.stack([getattr(c, comp).bits for c in codecs]).to(torch.int32)
-            tensors[f"{comp}.codebooks"] = torch.stack([getattr(c, comp).codebooks for c in codecs]).float()
+        for comp in COMPONENTS:
+            tensors[tensor_name(comp, "bits")] = torch.stack([getattr(c, comp).bits for c in codecs]).to(torch.int32)
+            tensors[tensor_name(comp, "codebooks")] = torch.stack([getattr(c, comp).codebooks for c in codecs]).float()
         k_mse, v_mse = expected_rel_mse(fit, name)
         entry = PresetEntry(
             name=name,
