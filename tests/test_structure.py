@@ -14,7 +14,11 @@ def test_every_package_error_derives_from_spectralquant_error():
     from vllm_spectralquant.format.errors import FormatError
     from vllm_spectralquant.models.errors import ModelError
 
-    for cls in (ArtifactError, CalibrationError, CorpusError, EvalError, FormatError, ModelError, PackageFileMissing):
+    from vllm_spectralquant.backend.config import ServingConfigError
+    from vllm_spectralquant.extras import MissingExtraError
+
+    for cls in (ArtifactError, CalibrationError, CorpusError, EvalError, FormatError, ModelError, PackageFileMissing,
+                ServingConfigError, MissingExtraError):
         assert issubclass(cls, SpectralQuantError), cls
     for cls in (ArtifactError, CalibrationError, CorpusError, FormatError, ModelError):
         assert issubclass(cls, ValueError), cls  # as before the base existed
@@ -77,3 +81,63 @@ def test_calibrate_refuses_a_model_the_backend_cannot_serve_before_loading_it(tm
     assert str(err.value) == ModelShape.from_model_dir(model).serving_refusal()
     assert "sliding-window attention" in str(err.value)
     assert not (model / "spectralquant").exists()
+
+
+def test_artifact_files_follow_the_schema_the_reader_checks(tiny_artifact):
+    from safetensors import safe_open
+
+    from vllm_spectralquant.artifact import load_artifact
+    from vllm_spectralquant.artifact.schema import bases_schema, preset_schema
+
+    art = load_artifact(tiny_artifact.artifact)
+    m = art.model
+    dims = (m.num_layers, m.num_kv_heads, m.head_dim)
+    with safe_open(str(art.path / "bases.safetensors"), "pt") as f:
+        assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == bases_schema(*dims)
+    for p in art.manifest.presets:
+        with safe_open(str(art.path / p.file), "pt") as f:
+            assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == preset_schema(*dims)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--key-weight", "-1"], "--key-weight must be positive, got -1.0"),
+        (["--key-weight", "0"], "--key-weight must be positive"),
+        (["--window", "1"], "the window at least 2"),
+        (["--tokens", "64", "--window", "128"], r"--tokens \(64\) must be at least the window \(128\)"),
+        (["--num-workers", "0"], "--num-workers must be at least 1"),
+        (["--max-position", "100000"], "exceeds the model's context"),
+        (["--max-position", "64"], "is smaller than the window"),
+    ],
+)
+def test_calibrate_cli_arguments_are_checked_before_the_model_loads(args, message, tiny_calib_model_dir, tmp_path, monkeypatch, capsys):
+    import re
+
+    import vllm_spectralquant.models.capture as capture
+    from vllm_spectralquant.cli import main as cli
+
+    monkeypatch.setattr(capture, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    rc = cli(["calibrate", str(tiny_calib_model_dir), "--out", str(tmp_path / "art"), "--quiet", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(message, err), err
+    assert not (tmp_path / "art").exists()
+
+
+def test_missing_calibrate_extra_is_named_before_the_model_loads(tiny_calib_model_dir, tmp_path, monkeypatch, capsys):
+    import sys
+
+    import vllm_spectralquant.models.capture as capture
+    from vllm_spectralquant.cli import main as cli
+
+    monkeypatch.setattr(capture, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "matplotlib", None)
+        rc = cli(["calibrate", str(tiny_calib_model_dir), "--out", str(tmp_path / "art"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "matplotlib" in err and 'pip install "vllm-spectralquant[calibrate]"' in err, err
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "ray", None)
+        rc = cli(["calibrate", str(tiny_calib_model_dir), "--out", str(tmp_path / "art"), "--quiet", "--num-workers", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "ray (--num-workers / --ray-address)" in err and "[calibrate]" in err, err
