@@ -87,7 +87,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vllm_spectralquant.evaluation import report
     from vllm_spectralquant.evaluation.run import EvalConfig, EvalError, evaluate
+    from vllm_spectralquant.extras import require
 
+    require({"matplotlib": "the eval plot"})  # before any server starts, not after the whole run
     cfg = EvalConfig(model_dir=args.model_dir, artifact=args.artifact, presets=args.presets, corpus=args.corpus)
     out_json = args.json or Path("spectralquant-eval.json")
     if args.resume:
