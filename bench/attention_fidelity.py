@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from vllm_spectralquant.calibrate.collect import AttentionShape
 from vllm_spectralquant.calibrate.fit import DEFAULT_KEY_WEIGHT
 from vllm_spectralquant.calibrate.pipeline import collect_in_process, fit_model
 from vllm_spectralquant.corpus import read_corpus, split_halves, split_windows, tokenize_corpus
@@ -31,11 +30,12 @@ from vllm_spectralquant.format import PRESETS, turboquant_codec
 from vllm_spectralquant.format.params import LayerCodec
 from vllm_spectralquant.models.capture import load_model, run_with_capture
 from vllm_spectralquant.models.example_model import ensure_example_model
+from vllm_spectralquant.models.shape import ModelShape
 
 TIERS = ("2_5bit", "3bit", "4bit")
 
 
-def evaluate(model, windows, configs: dict[str, tuple[list[LayerCodec], int]], shape: AttentionShape, batch_size=2):
+def evaluate(model, windows, configs: dict[str, tuple[list[LayerCodec], int]], shape: ModelShape, batch_size=2):
     """Accumulate fidelity of every config {key: (codec per layer, sink_tokens)} over windows [N, T]."""
     acc = {key: FidelityAccumulator(shape.num_layers, shape.num_kv_heads) for key in configs}
 
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model_dir = args.model or ensure_example_model()
     model, tok = load_model(model_dir)
-    shape = AttentionShape.from_config(model.config)
+    shape = ModelShape.from_config(model.config)
     ids = tokenize_corpus(tok, read_corpus(args.corpus))
     calib_ids, eval_ids = split_halves(ids)
     calib = split_windows(calib_ids, args.window, args.calib_windows)

@@ -4,8 +4,9 @@
     ray job submit --working-dir calibration -- python job.py --config sample_config.yaml
     python calibration/job.py --config calibration/sample_config.yaml --ray-address local   # without a cluster
 
-The cluster's Python environment needs vllm-spectralquant installed (e.g. `pip install
-vllm-spectralquant` in the image, or `--runtime-env-json '{"pip": ["vllm-spectralquant"]}'`).
+The cluster's Python environment needs vllm-spectralquant with its calibrate extra installed (e.g.
+`pip install "vllm-spectralquant[calibrate]"` in the image, or
+`--runtime-env-json '{"pip": ["vllm-spectralquant[calibrate]"]}'`).
 """
 
 from __future__ import annotations

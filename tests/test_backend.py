@@ -11,17 +11,17 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
 from vllm_spectralquant.artifact import ArtifactError  # noqa: E402
-from vllm_spectralquant.backend import codecs  # noqa: E402
+from vllm_spectralquant.backend.config import ServingConfigError, SpectralQuantConfig  # noqa: E402
 from vllm_spectralquant.format import PRESETS  # noqa: E402
 from vllm_spectralquant.format.reference_attention import dense_causal_attention, gather_context  # noqa: E402
 from vllm_spectralquant.format.synthetic import random_paged_batch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _fresh_policy():
-    codecs.reset_for_tests()
+def _fresh_config():
+    SpectralQuantConfig.cache_clear()
     yield
-    codecs.reset_for_tests()
+    SpectralQuantConfig.cache_clear()
 
 
 def _fake_config(model_dir, **spectralquant):
@@ -55,7 +55,7 @@ def test_mixed_batch_forward_matches_the_reference(use_config, tiny_artifact, ti
     use_config(_fake_config(tiny_calib_model_dir, artifact=str(tiny_artifact.artifact)))
     impl = _impl()
     layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
-    codec = codecs.layer_codec(impl.policy, 1, 32, torch.device("cpu"))
+    codec = impl.layer_codec(layer, torch.device("cpu"))
     # Sequences: 2 decodes (40, 1 tokens of context), a first chunk of 9, a continuation of 5 over 30.
     seq_lens, q_lens = [40, 1, 9, 30], [1, 1, 9, 5]
     batch = random_paged_batch(codec, seq_lens, q_lens, block_size=16, num_query_heads=4, padding_tokens=3, seed=7)
@@ -109,7 +109,7 @@ def test_profiling_run_without_metadata_writes_zeros(use_config, tiny_calib_mode
 def test_do_kv_cache_update_skips_padding_slots(use_config, tiny_calib_model_dir):
     use_config(_fake_config(tiny_calib_model_dir))
     impl = _impl("spectralquant_tq3bit")
-    geo = impl.policy.geometry(32, 16)
+    geo = impl.config.geometry(16)
     cache = torch.zeros(3, 2, 16, geo.page_slot_bytes, dtype=torch.uint8)
     k = torch.randn(4, 2, 32)
     impl.do_kv_cache_update(SimpleNamespace(layer_name="model.layers.0.self_attn.attn"), k, k, cache, torch.tensor([17, -1, 33]))
@@ -145,12 +145,12 @@ def test_startup_errors_name_the_cause(use_config, tiny_artifact, tiny_calib_mod
     data = bytearray(f.read_bytes())
     data[-10] ^= 1
     f.write_bytes(bytes(data))
-    codecs.reset_for_tests()
+    SpectralQuantConfig.cache_clear()
     use_config(_fake_config(tiny_calib_model_dir, artifact=str(broken)))
     with pytest.raises(ArtifactError, match="checksum mismatch"):
         _impl()
     # Wrong model: the tiny model's artifact for SmolLM2.
-    codecs.reset_for_tests()
+    SpectralQuantConfig.cache_clear()
     use_config(_fake_config(example_model_dir, artifact=str(tiny_artifact.artifact)))
     with pytest.raises(ArtifactError, match="different model.*num_layers: artifact has 3, model has 30"):
         _impl(heads=9, kv_heads=3, head_dim=64)
@@ -160,14 +160,14 @@ def test_startup_errors_name_the_cause(use_config, tiny_artifact, tiny_calib_mod
     m = json.loads((partial / "manifest.json").read_text())
     m["presets"] = [p for p in m["presets"] if p["name"] != "sq4bit"]
     (partial / "manifest.json").write_text(json.dumps(m))
-    codecs.reset_for_tests()
+    SpectralQuantConfig.cache_clear()
     use_config(_fake_config(tiny_calib_model_dir, artifact=str(partial)))
     with pytest.raises(ArtifactError, match="preset sq4bit is not in the artifact"):
         _impl("spectralquant_sq4bit")
     # Unknown option.
-    codecs.reset_for_tests()
+    SpectralQuantConfig.cache_clear()
     use_config(_fake_config(tiny_calib_model_dir, artefact="x"))
-    with pytest.raises(ArtifactError, match=r"unknown --additional-config \"spectralquant\" options \['artefact'\]"):
+    with pytest.raises(ServingConfigError, match=r"unknown --additional-config \"spectralquant\" options \['artefact'\]"):
         _impl()
 
 
@@ -221,8 +221,8 @@ def test_nonfinite_kv_at_runtime_stays_in_its_sequence(use_config, tiny_calib_mo
     use_config(_fake_config(tiny_calib_model_dir))
     impl = _impl("spectralquant_tq3bit")
     layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
-    geo = impl.policy.geometry(32, 16)
-    codec = codecs.layer_codec(impl.policy, 0, 32, torch.device("cpu"))
+    geo = impl.config.geometry(16)
+    codec = impl.layer_codec(layer, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     k = torch.randn(40, 2, 32, generator=gen)
     v = torch.randn(40, 2, 32, generator=gen)
@@ -242,3 +242,70 @@ def test_nonfinite_kv_at_runtime_stays_in_its_sequence(use_config, tiny_calib_mo
         outs.append(out)
     assert torch.isfinite(outs[1]).all()
     assert torch.equal(outs[0][1], outs[1][1])  # sequence 1 never saw sequence 0's bad values
+
+
+def test_config_is_pure_and_cached_by_key(tiny_calib_model_dir, tmp_path):
+    from vllm_spectralquant.backend.config import ServedModel
+    from vllm_spectralquant.artifact.fingerprint import read_config
+
+    a = SpectralQuantConfig.from_cache_dtype("spectralquant_tq3bit", 32)
+    assert SpectralQuantConfig.from_cache_dtype("spectralquant_tq3bit", 32) is a
+    assert a.artifact is None and a.sink_tokens == 1 and a.geometry(128).slot_bytes == PRESETS["tq3bit"].slot_bytes(32)
+    assert SpectralQuantConfig.from_cache_dtype("spectralquant_tq3bit", 32, sink_tokens=2).sink_tokens == 2
+    model = ServedModel.from_config(str(tiny_calib_model_dir), read_config(tiny_calib_model_dir), tiny_calib_model_dir)
+    sq = SpectralQuantConfig.from_cache_dtype("spectralquant_sq3bit", 32, model=model)
+    assert sq.artifact.path == tiny_calib_model_dir / "spectralquant" and sq.artifact.preset == "sq3bit"
+    with pytest.raises(ServingConfigError, match="needs a calibration artifact"):
+        SpectralQuantConfig.from_cache_dtype("spectralquant_sq3bit", 32)
+    SpectralQuantConfig.cache_clear()
+    assert SpectralQuantConfig.from_cache_dtype("spectralquant_tq3bit", 32) is not a
+
+
+def test_customize_spec_before_any_layer_is_built(use_config, tiny_calib_model_dir):
+    """With vLLM's config current, the spec needs no impl; without one, it uses the configs the impls derived."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_spectralquant.backend.attention import SpectralQuantBackend
+
+    spec = FullAttentionSpec(block_size=128, num_kv_heads=2, head_size=32, dtype=torch.uint8)
+    cfg = _fake_config(tiny_calib_model_dir)
+    cfg.cache_config = SimpleNamespace(cache_dtype="spectralquant_tq4bit")
+    use_config(cfg)
+    assert SpectralQuantBackend.customize_spec(spec).state_content_bytes == PRESETS["tq4bit"].slot_bytes(32) + 1
+    use_config(None)
+    SpectralQuantConfig.cache_clear()
+    with pytest.raises(ServingConfigError, match="no SpectralQuant configuration for head size 32"):
+        SpectralQuantBackend.customize_spec(spec)
+    use_config(_fake_config(tiny_calib_model_dir))
+    _impl("spectralquant_tq2_5bit")
+    use_config(None)
+    assert SpectralQuantBackend.customize_spec(spec).state_content_bytes == PRESETS["tq2_5bit"].slot_bytes(32) + 1
+
+
+def test_per_layer_codecs_live_on_the_impl(use_config, tiny_artifact, tiny_calib_model_dir):
+    use_config(_fake_config(tiny_calib_model_dir, artifact=str(tiny_artifact.artifact)))
+    impls = [_impl() for _ in range(2)]
+    layers = [SimpleNamespace(layer_name=f"model.layers.{i}.self_attn.attn") for i in range(2)]
+    codecs = [impl.layer_codec(layer, torch.device("cpu")) for impl, layer in zip(impls, layers)]
+    assert codecs[0] is impls[0].layer_codec(layers[0], torch.device("cpu"))
+    assert not torch.equal(codecs[0].key.basis, codecs[1].key.basis)
+    assert impls[0].config is impls[1].config  # one configuration, one loaded artifact
+
+
+def test_backend_refuses_a_sliding_window_model_with_the_calibration_message(use_config, tmp_path, text_corpus):
+    """A Gemma3-like model (5 of 6 layers slide): the server's refusal is word for word calibration's."""
+    from transformers import Gemma3TextConfig
+
+    from vllm_spectralquant.calibrate.job import CalibrationConfig, calibrate
+    from vllm_spectralquant.models.errors import ModelError
+
+    model = tmp_path / "gemma3-like"
+    Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                     num_hidden_layers=6, vocab_size=256, max_position_embeddings=1024, sliding_window=64).save_pretrained(model)
+    with pytest.raises(ModelError) as at_calibration:
+        calibrate(CalibrationConfig(model_dir=model, corpus=text_corpus, tokens=256, window=128))
+    use_config(_fake_config(model))
+    with pytest.raises(NotImplementedError) as at_serving:
+        _impl("spectralquant_tq3bit")  # layer 0 of such a model: a sliding one
+    assert str(at_serving.value) == str(at_calibration.value)
+    assert "sliding-window attention (sliding_window=64 on 5 of 6 layers)" in str(at_serving.value)

@@ -189,12 +189,14 @@ def test_load_model_errors(tmp_path):
             load_model(tmp_path / name)
 
 
-def test_architecture_checks_accept_mixed_and_disabled_sliding_windows():
+def test_architecture_checks_accept_disabled_and_refuse_mixed_sliding_windows():
     from transformers import FalconConfig, Gemma2Config, MistralConfig, Qwen2Config
 
     check_supported_architecture(Qwen2Config(sliding_window=4096, use_sliding_window=False))
-    check_supported_architecture(Gemma2Config())  # sliding and full layers alternate
     check_supported_architecture(MistralConfig(sliding_window=None))
+    # Sliding and full layers alternate: the backend refuses any sliding-window layer, so calibration does too.
+    with pytest.raises(ModelError, match="does not support sliding-window attention .*on 13 of 26 layers.*logits soft-capping"):
+        check_supported_architecture(Gemma2Config())
     with pytest.raises(ModelError, match="ALiBi"):
         check_supported_architecture(FalconConfig(alibi=True))
 

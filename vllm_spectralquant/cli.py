@@ -87,7 +87,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vllm_spectralquant.evaluation import report
     from vllm_spectralquant.evaluation.run import EvalConfig, EvalError, evaluate
+    from vllm_spectralquant.extras import require
 
+    require({"matplotlib": "the eval plot"})  # before any server starts, not after the whole run
     cfg = EvalConfig(model_dir=args.model_dir, artifact=args.artifact, presets=args.presets, corpus=args.corpus)
     out_json = args.json or Path("spectralquant-eval.json")
     if args.resume:
@@ -173,12 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vllm_spectralquant.artifact.errors import ArtifactError
-    from vllm_spectralquant.calibrate.errors import CalibrationError
-    from vllm_spectralquant.corpus import CorpusError
-    from vllm_spectralquant.evaluation.run import EvalError
-    from vllm_spectralquant.format.errors import FormatError
-    from vllm_spectralquant.models.errors import ModelError
+    from vllm_spectralquant.errors import SpectralQuantError
 
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
@@ -186,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except BrokenPipeError:  # output piped into e.g. `head`
         return 0
-    except (FormatError, ArtifactError, CalibrationError, ModelError, CorpusError, EvalError, OSError) as e:
+    except (SpectralQuantError, OSError) as e:
         # Their messages name the cause and the fix; a traceback would only hide that.
         print(f"spectralquant {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from vllm_spectralquant.errors import SpectralQuantError
 from vllm_spectralquant.files import PackageFileMissing, find_package_file
 
 GENSIM_PIN = "gensim==4.4.0"
@@ -20,7 +21,7 @@ DEFAULT_CORPUS_RELPATH = Path("test") / "test_data" / "lee_background.cor"
 CORPUS_SUFFIXES = (".txt", ".cor", ".md")
 
 
-class CorpusError(ValueError):
+class CorpusError(SpectralQuantError, ValueError):
     """A corpus cannot be found, read or cut as asked; the message names the cause and the fix."""
 
 

@@ -11,18 +11,16 @@ bf16 cache in the same memory, and stop the server.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 from vllm_spectralquant.format.presets import get_preset
+from vllm_spectralquant.models.shape import ModelShape
 
 
-def bf16_capacity_tokens(config: dict, memory_bytes: int, block_size: int) -> int:
+def bf16_capacity_tokens(shape: ModelShape, memory_bytes: int, block_size: int) -> int:
     """Tokens a bf16 cache holds in ``memory_bytes`` (vLLM's whole-block accounting)."""
-    heads = config.get("num_key_value_heads") or config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    block_bytes = config["num_hidden_layers"] * heads * block_size * 4 * head_dim
+    block_bytes = shape.num_layers * shape.num_kv_heads * block_size * 4 * shape.head_dim
     return memory_bytes // block_bytes * block_size
 
 
@@ -58,10 +56,10 @@ def main(argv=None) -> int:
         )
         answer = resp.choices[0].message.content.strip()
         capacity = server.kv_capacity_tokens()
-    config = json.loads((model / "config.json").read_text())
-    bf16 = bf16_capacity_tokens(config, args.kv_cache_gib << 30, block_size=128)
+    shape = ModelShape.from_model_dir(model)
+    bf16 = bf16_capacity_tokens(shape, args.kv_cache_gib << 30, block_size=128)
     print(f"[4/4] {args.question}\n\n{answer}\n")
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    head_dim = shape.head_dim
     print(
         f"KV capacity with {preset.kv_cache_dtype} in {args.kv_cache_gib} GiB: {capacity:,} tokens "
         f"(bf16: {bf16:,} tokens) -> {capacity / bf16:.2f}x; "

@@ -6,8 +6,10 @@ import hashlib
 import importlib.util
 from pathlib import Path
 
+from vllm_spectralquant.errors import SpectralQuantError
 
-class PackageFileMissing(LookupError):
+
+class PackageFileMissing(SpectralQuantError, LookupError):
     """The package is not installed, or does not hold the file; the message says which."""
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 from vllm_spectralquant.artifact.errors import ArtifactError
 from vllm_spectralquant.artifact.manifest import ModelFingerprint
+from vllm_spectralquant.models.errors import ModelError
+from vllm_spectralquant.models.shape import ModelShape, text_config
 
 #: config.json keys that change without changing the model (tooling versions, local paths).
 VOLATILE_KEYS = frozenset({"transformers_version", "_name_or_path", "use_cache", "_attn_implementation_autoset"})
@@ -25,36 +27,27 @@ def read_config(model_dir: Path | str) -> dict[str, Any]:
         raise ArtifactError(f"cannot read {path}: {e}") from e
 
 
-def _text_config(config: dict[str, Any]) -> dict[str, Any]:
-    # Multimodal configs nest the language model's settings.
-    return config.get("text_config", config)
-
-
 def stable_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in sorted(config.items()) if k not in VOLATILE_KEYS}
 
 
 def fingerprint(config: dict[str, Any]) -> ModelFingerprint:
     """Fingerprint of a model from its config.json contents."""
-    text = _text_config(config)
+    text = text_config(config)
     try:
-        heads = int(text["num_attention_heads"])
-        layers = int(text["num_hidden_layers"])
-        hidden = int(text["hidden_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"config.json lacks the attention shape ({e}); is this a decoder-only transformer?") from e
-    kv_heads = int(text.get("num_key_value_heads") or heads)
-    head_dim = int(text.get("head_dim") or hidden // heads)
+        shape = ModelShape.from_config(config)
+    except ModelError as e:
+        raise ArtifactError(str(e).replace("the model config", "config.json", 1)) from e
     stable = stable_config(config)
     digest = hashlib.sha256(json.dumps(stable, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     archs = config.get("architectures") or [config.get("model_type", "unknown")]
     return ModelFingerprint(
         architecture=str(archs[0]),
         model_type=str(config.get("model_type", "unknown")),
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
+        num_layers=shape.num_layers,
+        num_heads=shape.num_heads,
+        num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
         rope={k: text[k] for k in ROPE_KEYS if k in text},
         dtype=text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or config.get("torch_dtype"),
         config_sha256=digest,

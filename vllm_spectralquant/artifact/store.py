@@ -5,6 +5,7 @@ Layout of an artifact folder (default ``MODEL_DIR/spectralquant/``)::
     manifest.json                 pydantic-validated, lists every file with its sha256
     bases.safetensors             per layer and KV head, stacked [L, H, ...]: key./value. mean, basis, scale, eigvals
     preset-<name>.safetensors     key./value. bits [L, H, G] int32, codebooks [L, H, G, 256] float32
+                                  (names and shapes: artifact/schema.py)
     report.md, *.png              the human report
 
 The folder is built under a hidden temporary name next to the destination and renamed into
@@ -31,6 +32,7 @@ from vllm_spectralquant._version import __version__
 from vllm_spectralquant.artifact.errors import ArtifactError
 from vllm_spectralquant.files import file_sha256
 from vllm_spectralquant.artifact.fingerprint import mismatches
+from vllm_spectralquant.artifact.schema import bases_schema, preset_schema, tensor_name
 from vllm_spectralquant.artifact.manifest import (
     BASES_FILE,
     MANIFEST_NAME,
@@ -43,16 +45,12 @@ from vllm_spectralquant.artifact.manifest import (
     preset_file,
 )
 from vllm_spectralquant.format import FORMAT_VERSION
-from vllm_spectralquant.format.codebooks import CODEBOOK_SIZE
 from vllm_spectralquant.format.errors import FormatError
 from vllm_spectralquant.format.params import ComponentCodec, LayerCodec
-from vllm_spectralquant.format.presets import GROUP_SIZE, PRESETS, TokenScale
+from vllm_spectralquant.format.presets import PRESETS, TokenScale
 
-COMPONENTS = ("key", "value")
 #: Where calibration writes and the backend looks by default: MODEL_DIR/spectralquant.
 DEFAULT_ARTIFACT_SUBDIR = "spectralquant"
-BASIS_TENSORS = ("mean", "basis", "scale", "eigvals")
-PRESET_TENSORS = ("bits", "codebooks")
 
 
 def default_artifact_dir(model_dir: Path | str) -> Path:
@@ -172,11 +170,11 @@ class Artifact:
 
         def component(c: str) -> ComponentCodec:
             return ComponentCodec(
-                basis=self.bases[f"{c}.basis"][layer, heads].float(),
-                mean=self.bases[f"{c}.mean"][layer, heads].float(),
-                scale=self.bases[f"{c}.scale"][layer, heads].float(),
-                bits=tensors[f"{c}.bits"][layer, heads].to(torch.int32),
-                codebooks=tensors[f"{c}.codebooks"][layer, heads].float(),
+                basis=self.bases[tensor_name(c, "basis")][layer, heads].float(),
+                mean=self.bases[tensor_name(c, "mean")][layer, heads].float(),
+                scale=self.bases[tensor_name(c, "scale")][layer, heads].float(),
+                bits=tensors[tensor_name(c, "bits")][layer, heads].to(torch.int32),
+                codebooks=tensors[tensor_name(c, "codebooks")][layer, heads].float(),
                 token_scale=TokenScale.NONE,
             )
 
@@ -286,18 +284,13 @@ def load_artifact(
             )
     verify_files(path, manifest, [BASES_FILE] + [preset_file(n) for n in names])
     m = manifest.model
-    lhd = (m.num_layers, m.num_kv_heads, m.head_dim)
-    g = m.head_dim // GROUP_SIZE
+    shape = (m.num_layers, m.num_kv_heads, m.head_dim)
     bases = _load_tensors(path / BASES_FILE)
-    _check_tensors(
-        path / BASES_FILE,
-        bases,
-        {f"{c}.{t}": lhd + ((m.head_dim,) if t == "basis" else ()) for c in COMPONENTS for t in BASIS_TENSORS},
-    )
+    _check_tensors(path / BASES_FILE, bases, bases_schema(*shape))
     loaded = {}
     for n in names:
         f = path / preset_file(n)
         tensors = _load_tensors(f)
-        _check_tensors(f, tensors, {f"{c}.bits": lhd[:2] + (g,) for c in COMPONENTS} | {f"{c}.codebooks": lhd[:2] + (g, CODEBOOK_SIZE) for c in COMPONENTS})
+        _check_tensors(f, tensors, preset_schema(*shape))
         loaded[n] = tensors
     return Artifact(path, manifest, bases, loaded)

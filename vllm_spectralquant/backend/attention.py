@@ -31,8 +31,10 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from vllm_spectralquant import ops
-from vllm_spectralquant.backend import codecs
+from vllm_spectralquant.backend.config import SpectralQuantConfig, served_model, tp_kv_head_offset
+from vllm_spectralquant.format.params import LayerCodec
 from vllm_spectralquant.format.presets import MAX_HEAD_DIM, MIN_HEAD_DIM, PRESETS, GROUP_SIZE
+from vllm_spectralquant.models.shape import unsupported_message
 
 KV_CACHE_DTYPES = [p.kv_cache_dtype for p in PRESETS.values()]
 
@@ -85,10 +87,7 @@ class SpectralQuantBackend(AttentionBackend):
         """Make vLLM allocate packed bytes per head-token (slot + sink spill) for our layers."""
         if spec.dtype != torch.uint8:
             return spec
-        policy = codecs.active_policy()
-        if policy is None:
-            raise RuntimeError("SpectralQuant: customize_spec ran before any attention layer was built")
-        geometry = policy.geometry(spec.head_size, spec.block_size)
+        geometry = SpectralQuantConfig.for_spec(spec.head_size, spec.block_size).geometry(spec.block_size)
         return replace(spec, state_content_bytes=geometry.page_slot_bytes)
 
 
@@ -174,6 +173,14 @@ class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
         kv_sharing_target_layer_name: str | None = None,
         **extra,
     ) -> None:
+        from vllm.config import get_current_vllm_config_or_none
+
+        vllm_config = get_current_vllm_config_or_none()
+        if vllm_config is not None:
+            # The whole model first: what calibration refuses, in the same words (models/shape.py).
+            refusal = served_model(vllm_config.model_config).shape.serving_refusal()
+            if refusal:
+                raise NotImplementedError(refusal)
         unsupported = {
             "ALiBi": alibi_slopes is not None,
             "sliding-window attention": sliding_window is not None,
@@ -184,35 +191,45 @@ class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
         }
         bad = [name for name, hit in unsupported.items() if hit]
         if bad:
-            raise NotImplementedError(f"SpectralQuant KV cache does not support {', '.join(bad)}")
+            raise NotImplementedError(unsupported_message(bad))
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
                 f"the SpectralQuant backend serves kv-cache dtypes {KV_CACHE_DTYPES}, got {kv_cache_dtype!r} "
                 "(layers kept at full precision are not supported yet)"
             )
+        if vllm_config is None:
+            raise RuntimeError("SpectralQuant: the attention layer was built outside a vLLM config context")
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
-        self.policy = codecs.resolve_policy(kv_cache_dtype, head_size, self.num_kv_heads)
+        self.config = SpectralQuantConfig.from_vllm_config(vllm_config, head_size, kv_cache_dtype)
+        self.config.load_artifact()  # verified at startup: a bad artifact fails here, naming the cause
+        total_kv_heads = served_model(vllm_config.model_config).shape.num_kv_heads
+        self.kv_head_offset = tp_kv_head_offset(self.num_kv_heads, total_kv_heads)
         self._layer: int | None = None
+        self._codecs: dict[str, LayerCodec] = {}  # this layer's codec, per device
 
-    # The codec of this impl's layer, resolved on first use from the Attention module's name.
-    def _codec(self, layer: torch.nn.Module, device: torch.device):
+    def layer_codec(self, layer: torch.nn.Module, device: torch.device) -> LayerCodec:
+        """This impl's layer's codec on ``device`` (the layer index comes from the Attention module's name)."""
         if self._layer is None:
             from vllm.model_executor.models.utils import extract_layer_index
 
             self._layer = extract_layer_index(layer.layer_name)
-        return codecs.layer_codec(self.policy, self._layer, self.head_size, device)
+        codec = self._codecs.get(str(device))
+        if codec is None:
+            codec = self.config.layer_codec(self._layer, self.num_kv_heads, self.kv_head_offset).to(device)
+            self._codecs[str(device)] = codec
+        return codec
 
     def _geometry(self, kv_cache: torch.Tensor):
-        return self.policy.geometry(self.head_size, kv_cache.shape[2])
+        return self.config.geometry(kv_cache.shape[2])
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         if kv_cache.numel() == 0:
             return
-        ops.store_kv(key, value, kv_cache, slot_mapping, self._codec(layer, kv_cache.device), self._geometry(kv_cache))
+        ops.store_kv(key, value, kv_cache, slot_mapping, self.layer_codec(layer, kv_cache.device), self._geometry(kv_cache))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None, output_block_scale=None):
         assert output is not None, "the SpectralQuant backend writes into vLLM's output buffer"
@@ -221,7 +238,7 @@ class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
         if attn_metadata is None:  # profiling / compile warm-up: no cache yet
             return output.fill_(0)
         md = attn_metadata
-        codec = self._codec(layer, kv_cache.device)
+        codec = self.layer_codec(layer, kv_cache.device)
         geometry = self._geometry(kv_cache)
         if md.num_decodes:
             nd = md.num_decode_tokens

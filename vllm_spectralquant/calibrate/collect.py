@@ -21,27 +21,7 @@ import torch
 from vllm_spectralquant.calibrate.fit import LayerBasis, update_histograms
 from vllm_spectralquant.calibrate.stats import LayerHistograms, LayerStats
 from vllm_spectralquant.models.capture import run_with_capture
-
-
-@dataclass(frozen=True)
-class AttentionShape:
-    """What calibration needs to know of a model's attention layers."""
-
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-
-    @classmethod
-    def from_config(cls, config) -> AttentionShape:
-        config = getattr(config, "text_config", None) or config
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads, head_dim)
-
-    @property
-    def softmax_scale(self) -> float:
-        return self.head_dim**-0.5
+from vllm_spectralquant.models.shape import ModelShape
 
 
 @dataclass
@@ -92,7 +72,7 @@ def collect_batch(
             positions p..p+T-1 has the hidden states of positions 0..T-1 but keys rotated as at p.
         sample_stride: keep raw K/V of tokens whose global index (window_id * T + t) is a multiple.
     """
-    shape = AttentionShape.from_config(model.config)
+    shape = ModelShape.from_config(model.config)
     b, t = windows.shape
     g = shape.num_heads // shape.num_kv_heads
     layers = [LayerStats.zeros(shape.num_kv_heads, shape.head_dim, g) for _ in range(shape.num_layers)]

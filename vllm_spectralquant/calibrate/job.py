@@ -22,15 +22,19 @@ from pathlib import Path
 import torch
 
 from vllm_spectralquant.artifact.errors import ArtifactError
-from vllm_spectralquant.artifact.fingerprint import fingerprint_of, read_config
+from vllm_spectralquant.artifact.fingerprint import fingerprint, read_config
 from vllm_spectralquant.artifact.manifest import CorpusInfo, PresetEntry, preset_file
+from vllm_spectralquant.artifact.schema import COMPONENTS, tensor_name
 from vllm_spectralquant.artifact.store import check_destination, default_artifact_dir, write_artifact
-from vllm_spectralquant.calibrate.collect import AttentionShape, ModelStats
+from vllm_spectralquant.calibrate.collect import ModelStats
 from vllm_spectralquant.calibrate.errors import CalibrationError
 from vllm_spectralquant.calibrate.fit import DEFAULT_KEY_WEIGHT
 from vllm_spectralquant.calibrate.pipeline import ModelFit, collect_in_process, fit_model
 from vllm_spectralquant.corpus import corpus_sha256, read_corpus, tokenize_corpus
+from vllm_spectralquant.extras import require as require_extras
 from vllm_spectralquant.format.presets import PRESETS, Preset
+from vllm_spectralquant.models.errors import ModelError
+from vllm_spectralquant.models.shape import ModelShape
 
 logger = logging.getLogger(__name__)
 
@@ -97,22 +101,38 @@ def _pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _max_context(config: dict) -> int:
-    text = config.get("text_config", config)
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        if text.get(key):
-            return int(text[key])
-    raise CalibrationError("the model config has no max_position_embeddings; pass --max-position")
+def _max_context(shape: ModelShape) -> int:
+    if shape.max_context is None:
+        raise CalibrationError("the model config has no max_position_embeddings; pass --max-position")
+    return shape.max_context
 
 
-def prepare_windows(cfg: CalibrationConfig, tokenizer, max_context: int) -> tuple[torch.Tensor, list[int], CorpusInfo]:
-    """Token windows [N, window] from the corpus, their position offsets, and the corpus record."""
-    text = read_corpus(cfg.corpus)
-    ids = tokenize_corpus(tokenizer, text)
+def check_options(cfg: CalibrationConfig, max_context: int) -> None:
+    """The options' own checks, before anything is loaded (CalibrationError names the option)."""
     if not cfg.key_weight > 0:
         raise CalibrationError(f"--key-weight must be positive, got {cfg.key_weight}")
     if cfg.window < 2 or cfg.tokens < cfg.window:
         raise CalibrationError(f"--tokens ({cfg.tokens}) must be at least the window ({cfg.window}) and the window at least 2")
+    if cfg.num_workers < 1:
+        raise CalibrationError(f"--num-workers must be at least 1, got {cfg.num_workers}")
+    if cfg.batch_size < 1:
+        raise CalibrationError(f"batch_size must be at least 1, got {cfg.batch_size}")
+    if not 0 <= cfg.skip_first < cfg.window:
+        raise CalibrationError(f"skip_first ({cfg.skip_first}) must be between 0 and the window ({cfg.window})")
+    max_position = cfg.max_position or max_context
+    if max_position < cfg.window:
+        raise CalibrationError(f"--max-position ({max_position}) is smaller than the window ({cfg.window})")
+    if max_position > max_context:
+        raise CalibrationError(f"--max-position ({max_position}) exceeds the model's context ({max_context})")
+
+
+def prepare_windows(
+    cfg: CalibrationConfig, tokenizer, max_context: int, text: str | None = None
+) -> tuple[torch.Tensor, list[int], CorpusInfo]:
+    """Token windows [N, window] from the corpus (``text``: already read), their position offsets, and the corpus record."""
+    check_options(cfg, max_context)
+    text = read_corpus(cfg.corpus) if text is None else text
+    ids = tokenize_corpus(tokenizer, text)
     num = math.ceil(cfg.tokens / cfg.window)
     need = num * cfg.window
     if ids.numel() < need:
@@ -121,10 +141,6 @@ def prepare_windows(cfg: CalibrationConfig, tokenizer, max_context: int) -> tupl
             f"({num} windows of {cfg.window}); use a larger corpus or fewer --tokens"
         )
     max_position = cfg.max_position or max_context
-    if max_position < cfg.window:
-        raise CalibrationError(f"--max-position ({max_position}) is smaller than the window ({cfg.window})")
-    if max_position > max_context:
-        raise CalibrationError(f"--max-position ({max_position}) exceeds the model's context ({max_context})")
     windows = ids[:need].view(num, cfg.window)
     info = CorpusInfo(
         source=str(cfg.corpus) if cfg.corpus else "lee_background (gensim test data)",
@@ -144,15 +160,26 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
 
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
+    # Everything cheap first: options, the model's config and shape, the output folder, the extras,
+    # the corpus and the Ray address; the model loads only when all of them are fine.
     presets = resolve_presets(cfg.presets)
     config = read_config(cfg.model_dir) if cfg.model_dir.is_dir() else None
     if config is None:
         raise CalibrationError(f"model folder {cfg.model_dir} does not exist")
-    model_fp = fingerprint_of(cfg.model_dir)
+    model_fp = fingerprint(config)
+    shape = ModelShape.from_config(config)
+    refusal = shape.serving_refusal()  # what the vLLM backend would refuse the model with
+    if refusal:
+        raise ModelError(refusal)
+    max_context = _max_context(shape)
+    check_options(cfg, max_context)
     check_destination(cfg.out_dir, cfg.overwrite)
-    if cfg.num_workers < 1:
-        raise CalibrationError(f"--num-workers must be at least 1, got {cfg.num_workers}")
     distributed = cfg.num_workers > 1 or cfg.ray_address is not None
+    needs = {"matplotlib": "the calibration report's plots"}
+    if distributed:
+        needs["ray"] = "--num-workers / --ray-address"
+    require_extras(needs)
+    text = read_corpus(cfg.corpus)
     if distributed:
         from vllm_spectralquant.calibrate.distributed import check_ray_address
 
@@ -161,8 +188,7 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
     device = _pick_device(cfg.device)
     model, tokenizer = load_model(cfg.model_dir, dtype=torch.float32, device=device)
     check_supported_architecture(model.config)
-    shape = AttentionShape.from_config(model.config)
-    windows, offsets, corpus = prepare_windows(cfg, tokenizer, _max_context(config))
+    windows, offsets, corpus = prepare_windows(cfg, tokenizer, max_context, text)
     sample_stride = max(1, corpus.tokens // SAMPLE_TOKENS)
     seconds["load"] = time.perf_counter() - t0
 
@@ -247,20 +273,20 @@ def expected_rel_mse(fit: ModelFit, preset: str) -> tuple[torch.Tensor, torch.Te
 def artifact_tensors(fit: ModelFit) -> tuple[dict[str, torch.Tensor], dict[str, tuple[PresetEntry, dict[str, torch.Tensor]]]]:
     """The fit as stacked [L, H, ...] tensors for the artifact files."""
     bases: dict[str, torch.Tensor] = {}
-    for comp in ("key", "value"):
+    for comp in COMPONENTS:
         layers = [getattr(b, comp) for b in fit.bases]
-        bases[f"{comp}.mean"] = torch.stack([c.mean for c in layers]).float()
-        bases[f"{comp}.basis"] = torch.stack([c.basis for c in layers]).float()
-        bases[f"{comp}.scale"] = torch.stack([c.sigma for c in layers]).float()
-        bases[f"{comp}.eigvals"] = torch.stack([c.spectrum.eigvals for c in layers]).float()
+        bases[tensor_name(comp, "mean")] = torch.stack([c.mean for c in layers]).float()
+        bases[tensor_name(comp, "basis")] = torch.stack([c.basis for c in layers]).float()
+        bases[tensor_name(comp, "scale")] = torch.stack([c.sigma for c in layers]).float()
+        bases[tensor_name(comp, "eigvals")] = torch.stack([c.spectrum.eigvals for c in layers]).float()
     presets = {}
     d = fit.shape.head_dim
     for name, codecs in fit.codecs.items():
         p = PRESETS[name]
         tensors = {}
-        for comp in ("key", "value"):
-            tensors[f"{comp}.bits"] = torch.stack([getattr(c, comp).bits for c in codecs]).to(torch.int32)
-            tensors[f"{comp}.codebooks"] = torch.stack([getattr(c, comp).codebooks for c in codecs]).float()
+        for comp in COMPONENTS:
+            tensors[tensor_name(comp, "bits")] = torch.stack([getattr(c, comp).bits for c in codecs]).to(torch.int32)
+            tensors[tensor_name(comp, "codebooks")] = torch.stack([getattr(c, comp).codebooks for c in codecs]).float()
         k_mse, v_mse = expected_rel_mse(fit, name)
         entry = PresetEntry(
             name=name,

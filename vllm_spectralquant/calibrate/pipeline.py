@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_spectralquant.calibrate.collect import AttentionShape, ModelStats, collect_batch, histograms_from_samples
+from vllm_spectralquant.calibrate.collect import ModelStats, collect_batch, histograms_from_samples
 from vllm_spectralquant.calibrate.fit import (
     DEFAULT_KEY_WEIGHT,
     LayerBasis,
@@ -22,11 +22,12 @@ from vllm_spectralquant.calibrate.fit import (
 )
 from vllm_spectralquant.format.params import LayerCodec
 from vllm_spectralquant.format.presets import Preset
+from vllm_spectralquant.models.shape import ModelShape
 
 
 @dataclass(frozen=True)
 class ModelFit:
-    shape: AttentionShape
+    shape: ModelShape
     bases: list[LayerBasis]
     codebooks: list[LayerCodebooks]
     codecs: dict[str, list[LayerCodec]]  # preset name -> one codec per layer
@@ -34,7 +35,7 @@ class ModelFit:
 
 def fit_model(
     stats: ModelStats,
-    shape: AttentionShape,
+    shape: ModelShape,
     presets: Sequence[Preset],
     *,
     fitted_codebooks: bool = True,

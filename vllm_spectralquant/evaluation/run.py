@@ -18,20 +18,21 @@ codec line, report a different capacity, and produce numbers that differ from th
 from __future__ import annotations
 
 import datetime
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vllm_spectralquant.errors import SpectralQuantError
 from vllm_spectralquant.evaluation.metrics import common_prefix, greedy_many, perplexity
 from vllm_spectralquant.evaluation.needle import build_trials, pass_rate
 from vllm_spectralquant.format.presets import PRESETS, get_preset
+from vllm_spectralquant.models.shape import ModelShape
 
 REFERENCE = "bf16"
 
 
-class EvalError(Exception):
+class EvalError(SpectralQuantError):
     """The eval cannot give a trustworthy answer (bad options, a resumed report that does not match, a
     compressed run that shows no sign of the compressed path); the message names the cause."""
 
@@ -82,10 +83,8 @@ def _serving_dtype(dtype: str) -> str:
 
 
 def _model_shape(model_dir: Path) -> tuple[int, int]:
-    cfg = json.loads((model_dir / "config.json").read_text())
-    cfg = cfg.get("text_config", cfg)
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return int(head_dim), int(cfg.get("max_position_embeddings", 2048))
+    shape = ModelShape.from_model_dir(model_dir)
+    return shape.head_dim, shape.max_context or 2048
 
 
 def _inputs(cfg: EvalConfig, max_context: int):

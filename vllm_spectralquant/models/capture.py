@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from vllm_spectralquant.models.errors import ModelError
+from vllm_spectralquant.models.shape import ModelShape, text_config
 
 CAPTURE_ATTN_IMPLEMENTATION = "spectralquant_capture"  # must not contain "sdpa"/"flash"/"/": transformers
 # dispatches extra checks on those substrings.
@@ -116,11 +117,6 @@ def _set_attn_implementation(model: torch.nn.Module, name: str) -> None:
         )
 
 
-def _num_layers(model: torch.nn.Module) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(config, "num_hidden_layers", None)
-
-
 class QKVCapture:
     """Context manager: while active, every attention call of ``model`` reports to ``on_qkv`` / uses ``kv_transform``.
 
@@ -180,8 +176,7 @@ def _check_ids(
         )
     if int(position_ids.min()) < 0:
         raise ValueError(f"position_ids must be >= 0, got {int(position_ids.min())}")
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = ModelShape.from_config(model.config).max_context
     if limit is not None and int(position_ids.max()) >= limit:
         raise ValueError(
             f"position_ids reach {int(position_ids.max())}, beyond the model's context "
@@ -216,25 +211,24 @@ def run_with_capture(
         # Without logits, run only the decoder stack: the LM head is a large share of a small model's FLOPs.
         runner = model if return_logits else model.base_model
         output = runner(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-    num_layers = _num_layers(model)
-    if num_layers is not None:
-        missing = sorted(set(range(num_layers)) - set(capture.layers_seen))
-        if missing:
-            raise ModelError(
-                f"attention of layers {missing} of {type(model).__name__} did not run through transformers' "
-                "AttentionInterface, so their Q/K/V were not captured"
-            )
+    missing = sorted(set(range(ModelShape.from_config(model.config).num_layers)) - set(capture.layers_seen))
+    if missing:
+        raise ModelError(
+            f"attention of layers {missing} of {type(model).__name__} did not run through transformers' "
+            "AttentionInterface, so their Q/K/V were not captured"
+        )
     return output.logits.float() if return_logits else None
 
 
 def check_supported_architecture(config: Any) -> None:
-    """Raise ModelError unless the model has per-head K/V with RoPE and at least some full-attention layers.
+    """Raise ModelError unless calibration can capture the model and the backend can serve it.
 
     Rejected: multi-head latent attention (``kv_lora_rank``; the cache holds a shared latent, not per-head K/V),
-    models without rotary position embedding (ALiBi, learned absolute positions), and models whose every layer
-    uses sliding-window attention (``sliding_window`` set and applied to all layers).
+    models without rotary position embedding (ALiBi, learned absolute positions), and whatever
+    :meth:`ModelShape.serving_problems` names (sliding-window layers, even mixed with full ones; logits
+    soft-capping), with the message the vLLM backend would refuse the model with.
     """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     name = getattr(text, "model_type", None) or type(text).__name__
     if getattr(text, "kv_lora_rank", None) is not None:
         raise ModelError(
@@ -251,17 +245,9 @@ def check_supported_architecture(config: Any) -> None:
             f"{name} has no rotary position embedding (no rope_parameters/rope_theta in its config); SpectralQuant "
             "calibrates post-RoPE keys and supports RoPE models only"
         )
-    sliding_window = getattr(text, "sliding_window", None)
-    layer_types = getattr(text, "layer_types", None)
-    if layer_types:
-        sliding_only = all(t == "sliding_attention" for t in layer_types)
-    else:
-        sliding_only = sliding_window is not None and getattr(text, "use_sliding_window", True) is not False
-    if sliding_only:
-        raise ModelError(
-            f"{name} uses sliding-window attention (sliding_window={sliding_window}) on all layers; SpectralQuant "
-            "supports models with full-attention layers only"
-        )
+    refusal = ModelShape.from_config(config).serving_refusal()
+    if refusal:
+        raise ModelError(refusal)
 
 
 def load_model(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from vllm_spectralquant.errors import SpectralQuantError
 
-class ModelError(ValueError):
-    """A model cannot be found, converted, loaded or captured; the message names the cause and the fix."""
+
+class ModelError(SpectralQuantError, ValueError):
+    """A model cannot be found, converted, loaded, captured or served; the message names the cause and the fix."""
