@@ -160,7 +160,7 @@ def packed_cache(codec, geo: CacheGeometry, b: int, L: int, device, gen) -> tupl
 
 
 def packed_case(preset, b, hq, h, d, L, block_size, impls, device, bench, dry, codecs="random") -> list[dict]:
-    from vllm_spectralquant.ops import cuda_ext, triton_kernels
+    from vllm_spectralquant.ops import get_impl
 
     codec = random_codec(PRESETS[preset], d, h, seed=7, widest_first=codecs == "sorted").to(device)
     geo = CacheGeometry.for_codec(codec, block_size)
@@ -174,8 +174,8 @@ def packed_case(preset, b, hq, h, d, L, block_size, impls, device, bench, dry, c
     key = torch.randn(b, h, d, device=device, dtype=torch.bfloat16)
     rows = []
     for impl in impls:
-        mod = cuda_ext if impl == "cuda" else triton_kernels
-        if impl == "cuda" and not cuda_ext.decode_supported(codec, geo, hq):
+        mod = get_impl(impl)
+        if not mod.decode_supported(codec, geo, hq):
             continue
         def decode(cache, table, lens, q):
             return lambda: mod.decode_attention(q, cache, table, lens, codec, geo, d**-0.5, out, ws)

@@ -78,13 +78,9 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def impl_module(impl: str):
-    if impl == "cuda":
-        from vllm_spectralquant.ops import cuda_ext
+    from vllm_spectralquant.ops import get_impl
 
-        return cuda_ext
-    from vllm_spectralquant.ops import triton_kernels
-
-    return triton_kernels
+    return get_impl(impl)
 
 
 def check_case(case, impl: str, layout: str, device: torch.device) -> dict:

@@ -203,6 +203,7 @@ template <int D, int NQT, bool kFields>
 __global__ void __launch_bounds__(kThreads, (D <= 128 && NQT == 1) ? 4 : 2) split_kernel(const DecodeArgs a) {
   constexpr int G8 = D / kGroup;  // code groups
   constexpr int P = D / 32;       // stripes of 4 groups (one per lane of a quad)
+  static_assert(kStripeGroups == 4 && D % (kStripeGroups * kGroup) == 0, "a stripe is one group per lane of a quad");
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int quad = lane >> 2, c = lane & 3;
@@ -231,7 +232,8 @@ __global__ void __launch_bounds__(kThreads, (D <= 128 && NQT == 1) ? 4 : 2) spli
   int4* meta_s = reinterpret_cast<int4*>(smem + lay.meta);
   int4* pmeta_s = reinterpret_cast<int4*>(smem + lay.pmeta);
   __half* lut_s = reinterpret_cast<__half*>(smem + lay.lut);
-  // Pair tables need an absolute alignment of 1024 B (the largest table) for the OR addressing.
+  // Pair tables need an absolute alignment of their largest size for the OR addressing.
+  static_assert(4 * kPairTableAlignEntries == 1024, "the shared-memory layout reserves 1024 B for alignment");
   const uint32_t pairs_k = (smem_addr(smem + lay.pairs) + 1023u) & ~1023u;
   const uint32_t pairs_v = pairs_k + 4u * a.k.pair_n;
   uint32_t* pairs_s = reinterpret_cast<uint32_t*>(smem + lay.pairs + (pairs_k - smem_addr(smem + lay.pairs)));
@@ -260,8 +262,8 @@ __global__ void __launch_bounds__(kThreads, (D <= 128 && NQT == 1) ? 4 : 2) spli
     bool fk = true, fv = true;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      fk &= meta_s[4 * p + q].z <= 4;
-      fv &= meta_s[G8 + 4 * p + q].z <= 4;
+      fk &= meta_s[4 * p + q].z <= kPairMaxBits;
+      fv &= meta_s[G8 + 4 * p + q].z <= kPairMaxBits;
     }
     fast_k |= static_cast<uint32_t>(fk) << p;
     fast_v |= static_cast<uint32_t>(fv) << p;
@@ -727,8 +729,7 @@ cudaError_t launch_split_d(const DecodeArgs& a, cudaStream_t stream) {
 }  // namespace
 
 bool decode_supports(int head_dim, int group, int sink_tokens) {
-  const bool dim = head_dim == 32 || head_dim == 64 || head_dim == 96 || head_dim == 128 || head_dim == 256;
-  return dim && group >= 1 && group <= kMaxGroup && sink_tokens <= kMaxSinkTokens;
+  return decode_head_dim_supported(head_dim) && group >= 1 && group <= kMaxGroup && sink_tokens <= kMaxSinkTokens;
 }
 
 cudaError_t launch_decode(const DecodeArgs& a, cudaStream_t stream) {

@@ -10,8 +10,6 @@
 
 namespace sq {
 
-constexpr int kGroup = 8;  // coordinates per code group (format.presets.GROUP_SIZE)
-
 __device__ __forceinline__ float load_float(const void* p, int64_t i, DType t) {
   switch (t) {
     case DType::kFloat16:

@@ -9,6 +9,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "sq_limits.h"
+
 namespace sq {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -104,10 +106,7 @@ cudaError_t launch_store(const StoreArgs& args, cudaStream_t stream);
 cudaError_t launch_decode(const DecodeArgs& args, cudaStream_t stream);
 cudaError_t launch_gather(const GatherArgs& args, cudaStream_t stream);
 
-// Shapes the CUDA decode kernel is instantiated for (others fall back to Triton).
+// Shapes the CUDA decode kernel is instantiated for (others fall back to Triton); limits in sq_limits.h.
 bool decode_supports(int head_dim, int group, int sink_tokens);
-constexpr int kMaxSinkTokens = 8;
-constexpr int kMaxGroup = 16;
-constexpr int kMaxSplits = 64;
 
 }  // namespace sq

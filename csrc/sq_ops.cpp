@@ -3,8 +3,9 @@
 // Called from vllm_spectralquant/ops/cuda_ext.py, which passes the KernelCodec tensors as
 //   params = [meta int32 [H,G,4], lut32 f32 [H,N], lut16 f16 [H,N], basis, basis_t f32 [H,D,D], mean, scale f32 [H,D],
 //             pair_meta int32 [H,G,4], pairs int32 [H,PN]]
-// and the geometry as
-//   info = [block_size, slot_bytes, sink_bytes, sink_tokens, k_mode, k_field, v_mode, v_field, ...].
+// and the geometry and token-field layout as named integers (block_size, slot_bytes, sink_bytes,
+// sink_tokens, k_mode, k_field, v_mode, v_field; decode also num_splits, padded_dim, padded_group,
+// load_mode, pitch). Kernel limits come from sq_limits.h, generated from format/kernel_limits.py.
 // All ops run on the current stream, write in place, allocate nothing and never synchronise.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -59,7 +60,12 @@ sq::Component component(at::TensorList p, int64_t mode, int64_t field) {
   return c;
 }
 
-sq::Cache cache_of(const Tensor& kv_cache, at::IntArrayRef info) {
+// The geometry arguments every op takes (named in the schemas below).
+struct Geometry {
+  int64_t block_size, slot_bytes, sink_bytes, sink_tokens, k_mode, k_field, v_mode, v_field;
+};
+
+sq::Cache cache_of(const Tensor& kv_cache, const Geometry& info) {
   check_cuda(kv_cache, "kv_cache");
   TORCH_CHECK(kv_cache.scalar_type() == at::kByte && kv_cache.dim() == 4 && kv_cache.stride(3) == 1,
               "spectralquant: kv_cache must be uint8 [num_blocks, H, block_size, C] with unit byte stride");
@@ -69,10 +75,10 @@ sq::Cache cache_of(const Tensor& kv_cache, at::IntArrayRef info) {
   c.s_head = kv_cache.stride(1);
   c.s_tok = kv_cache.stride(2);
   c.num_kv_heads = static_cast<int>(kv_cache.size(1));
-  c.block_size = static_cast<int>(info[0]);
-  c.slot_bytes = static_cast<int>(info[1]);
-  c.sink_bytes = static_cast<int>(info[2]);
-  c.sink_tokens = static_cast<int>(info[3]);
+  c.block_size = static_cast<int>(info.block_size);
+  c.slot_bytes = static_cast<int>(info.slot_bytes);
+  c.sink_bytes = static_cast<int>(info.sink_bytes);
+  c.sink_tokens = static_cast<int>(info.sink_tokens);
   TORCH_CHECK(kv_cache.size(2) == c.block_size && kv_cache.size(3) == c.slot_bytes + c.sink_bytes,
               "spectralquant: kv_cache shape does not match the geometry");
   return c;
@@ -83,8 +89,10 @@ void check_launch(cudaError_t e, const char* what) {
 }
 
 void store_kv(const Tensor& key, const Tensor& value, Tensor& kv_cache, const Tensor& slot_mapping,
-              const Tensor& pad_start, at::TensorList k_params, at::TensorList v_params, at::IntArrayRef info) {
-  TORCH_CHECK(info.size() == 8, "spectralquant.store_kv: info has 8 entries");
+              const Tensor& pad_start, at::TensorList k_params, at::TensorList v_params, int64_t block_size,
+              int64_t slot_bytes, int64_t sink_bytes, int64_t sink_tokens, int64_t k_mode, int64_t k_field,
+              int64_t v_mode, int64_t v_field) {
+  const Geometry info{block_size, slot_bytes, sink_bytes, sink_tokens, k_mode, k_field, v_mode, v_field};
   const c10::cuda::CUDAGuard guard(kv_cache.device());
   check_cuda(key, "key");
   check_cuda(value, "value");
@@ -109,15 +117,18 @@ void store_kv(const Tensor& key, const Tensor& value, Tensor& kv_cache, const Te
   a.head_dim = static_cast<int>(key.size(2));
   a.pad_start = pad_start.data_ptr<int32_t>();
   a.cache = cache_of(kv_cache, info);
-  a.k = component(k_params, info[4], info[5]);
-  a.v = component(v_params, info[6], info[7]);
+  a.k = component(k_params, info.k_mode, info.k_field);
+  a.v = component(v_params, info.v_mode, info.v_field);
   check_launch(sq::launch_store(a, c10::cuda::getCurrentCUDAStream()), "store_kv");
 }
 
 void decode_attention(const Tensor& query, const Tensor& kv_cache, const Tensor& block_table, const Tensor& seq_lens,
                       at::TensorList k_params, at::TensorList v_params, Tensor& w16, Tensor& wpar, Tensor& part_o,
-                      Tensor& part_ml, Tensor& out, double softmax_scale, at::IntArrayRef info) {
-  TORCH_CHECK(info.size() == 13, "spectralquant.decode_attention: info has 13 entries");
+                      Tensor& part_ml, Tensor& out, double softmax_scale, int64_t block_size, int64_t slot_bytes,
+                      int64_t sink_bytes, int64_t sink_tokens, int64_t k_mode, int64_t k_field, int64_t v_mode,
+                      int64_t v_field, int64_t num_splits, int64_t padded_dim, int64_t padded_group, int64_t load_mode,
+                      int64_t pitch) {
+  const Geometry info{block_size, slot_bytes, sink_bytes, sink_tokens, k_mode, k_field, v_mode, v_field};
   const c10::cuda::CUDAGuard guard(kv_cache.device());
   for (const Tensor& t : {query, block_table, seq_lens, w16, wpar, part_o, part_ml, out}) check_cuda(t, "argument");
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1, "spectralquant.decode_attention: unit stride over D");
@@ -141,16 +152,16 @@ void decode_attention(const Tensor& query, const Tensor& kv_cache, const Tensor&
   a.block_table = block_table.data_ptr<int32_t>();
   a.s_bt = block_table.stride(0);
   a.seq_lens = seq_lens.data_ptr<int32_t>();
-  a.k = component(k_params, info[4], info[5]);
-  a.v = component(v_params, info[6], info[7]);
+  a.k = component(k_params, info.k_mode, info.k_field);
+  a.v = component(v_params, info.v_mode, info.v_field);
   a.batch = static_cast<int>(seq_lens.size(0));
   a.num_q_heads = static_cast<int>(query.size(1));
   a.head_dim = static_cast<int>(query.size(2));
-  a.num_splits = static_cast<int>(info[8]);
-  a.padded_dim = static_cast<int>(info[9]);
-  a.padded_group = static_cast<int>(info[10]);
-  a.load_mode = static_cast<int>(info[11]);
-  a.pitch = static_cast<int>(info[12]);
+  a.num_splits = static_cast<int>(num_splits);
+  a.padded_dim = static_cast<int>(padded_dim);
+  a.padded_group = static_cast<int>(padded_group);
+  a.load_mode = static_cast<int>(load_mode);
+  a.pitch = static_cast<int>(pitch);
   a.qk_scale = static_cast<float>(softmax_scale * 1.4426950408889634);
   a.w16 = reinterpret_cast<__half*>(w16.data_ptr<at::Half>());
   a.wpar = wpar.data_ptr<float>();
@@ -165,8 +176,10 @@ void decode_attention(const Tensor& query, const Tensor& kv_cache, const Tensor&
 }
 
 void gather_context(const Tensor& kv_cache, const Tensor& block_table, const Tensor& seq_lens, at::TensorList k_params,
-                    at::TensorList v_params, Tensor& k_out, Tensor& v_out, at::IntArrayRef info) {
-  TORCH_CHECK(info.size() == 8, "spectralquant.gather_context: info has 8 entries");
+                    at::TensorList v_params, Tensor& k_out, Tensor& v_out, int64_t block_size, int64_t slot_bytes,
+                    int64_t sink_bytes, int64_t sink_tokens, int64_t k_mode, int64_t k_field, int64_t v_mode,
+                    int64_t v_field) {
+  const Geometry info{block_size, slot_bytes, sink_bytes, sink_tokens, k_mode, k_field, v_mode, v_field};
   const c10::cuda::CUDAGuard guard(kv_cache.device());
   TORCH_CHECK(block_table.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt && block_table.stride(1) == 1 &&
                   seq_lens.is_contiguous(),
@@ -179,8 +192,8 @@ void gather_context(const Tensor& kv_cache, const Tensor& block_table, const Ten
   a.block_table = block_table.data_ptr<int32_t>();
   a.s_bt = block_table.stride(0);
   a.seq_lens = seq_lens.data_ptr<int32_t>();
-  a.k = component(k_params, info[4], info[5]);
-  a.v = component(v_params, info[6], info[7]);
+  a.k = component(k_params, info.k_mode, info.k_field);
+  a.v = component(v_params, info.v_mode, info.v_field);
   a.k_out = k_out.data_ptr<float>();
   a.v_out = v_out.data_ptr<float>();
   a.s_ob = k_out.stride(0);
@@ -192,19 +205,29 @@ void gather_context(const Tensor& kv_cache, const Tensor& block_table, const Ten
   check_launch(sq::launch_gather(a, c10::cuda::getCurrentCUDAStream()), "gather_context");
 }
 
+bool decode_supports(int64_t head_dim, int64_t group, int64_t sink_tokens) {
+  return sq::decode_supports(static_cast<int>(head_dim), static_cast<int>(group), static_cast<int>(sink_tokens));
+}
+
 }  // namespace
+
+#define SQ_GEOMETRY_ARGS \
+  "int block_size, int slot_bytes, int sink_bytes, int sink_tokens, int k_mode, int k_field, int v_mode, int v_field"
 
 TORCH_LIBRARY(spectralquant, m) {
   m.def(
       "store_kv(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping, Tensor pad_start, "
-      "Tensor[] k_params, Tensor[] v_params, int[] info) -> ()");
+      "Tensor[] k_params, Tensor[] v_params, " SQ_GEOMETRY_ARGS ") -> ()");
   m.def(
       "decode_attention(Tensor query, Tensor kv_cache, Tensor block_table, Tensor seq_lens, Tensor[] k_params, "
       "Tensor[] v_params, Tensor(a!) w16, Tensor(b!) wpar, Tensor(c!) part_o, Tensor(d!) part_ml, Tensor(e!) out, "
-      "float softmax_scale, int[] info) -> ()");
+      "float softmax_scale, " SQ_GEOMETRY_ARGS ", int num_splits, int padded_dim, int padded_group, int load_mode, "
+      "int pitch) -> ()");
   m.def(
       "gather_context(Tensor kv_cache, Tensor block_table, Tensor seq_lens, Tensor[] k_params, Tensor[] v_params, "
-      "Tensor(a!) k_out, Tensor(b!) v_out, int[] info) -> ()");
+      "Tensor(a!) k_out, Tensor(b!) v_out, " SQ_GEOMETRY_ARGS ") -> ()");
+  // What the decode kernel is built for (Python asks instead of restating it).
+  m.def("decode_supports(int head_dim, int group, int sink_tokens) -> bool", &decode_supports);
 }
 
 TORCH_LIBRARY_IMPL(spectralquant, CUDA, m) {

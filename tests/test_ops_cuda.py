@@ -52,3 +52,16 @@ def test_cuda_decode_under_graph_replay_equals_eager(cuda_ext):
     eager = torch.zeros_like(out)
     cuda_ext.decode_attention(q, batch.kv_cache, batch.block_table, lens, codec, batch.geometry, 0.1, eager, ws)
     assert torch.equal(out, eager), f"seed {seed}"
+
+
+def test_decode_support_matrix_comes_from_the_extension(cuda_ext):
+    from vllm_spectralquant.format import PRESETS, kernel_limits
+    from vllm_spectralquant.format.synthetic import random_codec, random_paged_batch
+
+    codec = random_codec(PRESETS["tq3bit"], 128, 8)
+    geo = random_paged_batch(random_codec(PRESETS["tq3bit"], 64, 1), [1], [1]).geometry
+    assert cuda_ext.decode_supported(codec, geo, 8 * 4)
+    assert cuda_ext.decode_supported(codec, geo, 8 * kernel_limits.MAX_QUERY_GROUP)
+    assert not cuda_ext.decode_supported(codec, geo, 8 * (kernel_limits.MAX_QUERY_GROUP + 1))
+    for d in (32, 64, 96, 128, 256, 40, 192):
+        assert bool(torch.ops.spectralquant.decode_supports(d, 4, 1)) == (d in kernel_limits.DECODE_HEAD_DIMS)

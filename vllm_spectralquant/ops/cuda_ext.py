@@ -17,6 +17,7 @@ building at run time (only a cached build is loaded).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import logging
 import os
@@ -32,13 +33,11 @@ from vllm_spectralquant.ops.workspace import DecodeWorkspace, default_workspace,
 
 log = logging.getLogger(__name__)
 
+NAME = "cuda"
+
 _SOURCES = ("sq_ops.cpp", "sq_store.cu", "sq_decode.cu", "sq_gather.cu")
-_HEADERS = ("sq_launch.h", "sq_device.cuh")
+_HEADERS = ("sq_launch.h", "sq_device.cuh", "sq_limits.h")
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0a"
-#: Shapes the CUDA decode kernel is instantiated for (csrc/sq_decode.cu, decode_supports).
-DECODE_HEAD_DIMS = (32, 64, 96, 128, 256)
-MAX_GROUP = 16
-MAX_SINK_TOKENS = 8
 # LoadMode (csrc/sq_launch.h): how a decode step stages 16 entries of one KV head.
 _REGION16, _ROW4, _BYTES = 0, 1, 2
 
@@ -130,18 +129,25 @@ def _load() -> bool:
     return ok
 
 
-def is_available() -> bool:
-    """True when CUDA is present and the extension is built (building it now if allowed) and loadable."""
-    return torch.cuda.is_available() and _load()
+def is_available(device: torch.device | str = "cuda") -> bool:
+    """True for CUDA tensors when the extension is built (building it now if allowed) and loadable."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_available() and _load()
 
 
 def load_error() -> str | None:
     return _state.get("error")  # type: ignore[return-value]
 
 
+@functools.lru_cache(maxsize=None)
+def _decode_supports(head_dim: int, group: int, sink_tokens: int) -> bool:
+    return bool(torch.ops.spectralquant.decode_supports(head_dim, group, sink_tokens))
+
+
 def decode_supported(codec: LayerCodec, geometry: CacheGeometry, num_query_heads: int) -> bool:
-    group = num_query_heads // codec.num_kv_heads
-    return codec.head_dim in DECODE_HEAD_DIMS and 1 <= group <= MAX_GROUP and geometry.sink_tokens <= MAX_SINK_TOKENS
+    """Whether the built extension's decode kernel covers this shape (it answers; cached per shape)."""
+    if num_query_heads % codec.num_kv_heads or not is_available():
+        return False
+    return _decode_supports(codec.head_dim, num_query_heads // codec.num_kv_heads, geometry.sink_tokens)
 
 
 # ---- wrappers ----------------------------------------------------------------------------------------------
@@ -151,11 +157,13 @@ def _params(c: KernelComponent) -> list[torch.Tensor]:
     return [c.meta, c.lut32, c.lut16, c.basis, c.basis_t, c.mean, c.scale, c.pair_meta, c.pairs]
 
 
-def _info(geometry: CacheGeometry, kc) -> list[int]:
-    return [
-        geometry.block_size, geometry.slot_bytes, geometry.sink_bytes, geometry.sink_tokens,
-        kc.key.mode, kc.key.field_offset, kc.value.mode, kc.value.field_offset,
-    ]  # fmt: skip
+def _geometry_args(geometry: CacheGeometry, kc) -> dict[str, int]:
+    """The named geometry arguments of every op (csrc/sq_ops.cpp, SQ_GEOMETRY_ARGS)."""
+    return {
+        "block_size": geometry.block_size, "slot_bytes": geometry.slot_bytes, "sink_bytes": geometry.sink_bytes,
+        "sink_tokens": geometry.sink_tokens, "k_mode": kc.key.mode, "k_field": kc.key.field_offset,
+        "v_mode": kc.value.mode, "v_field": kc.value.field_offset,
+    }  # fmt: skip
 
 
 def _int32(t: torch.Tensor) -> torch.Tensor:
@@ -183,7 +191,7 @@ def store_kv(key, value, kv_cache, slot_mapping, codec: LayerCodec, geometry: Ca
     value = value if value.stride(2) == 1 else value.contiguous()
     slots = slot_mapping if slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous() else slot_mapping.long().contiguous()
     torch.ops.spectralquant.store_kv(
-        key, value, kv_cache, slots, kc.pad_start, _params(kc.key), _params(kc.value), _info(geometry, kc)
+        key, value, kv_cache, slots, kc.pad_start, _params(kc.key), _params(kc.value), **_geometry_args(geometry, kc)
     )
 
 
@@ -201,10 +209,10 @@ def decode_attention(
     ws = workspace if workspace is not None else default_workspace(kv_cache.device)
     views = ws.views(bsz, hq, h, d, splits, grow=workspace is None)
     mode, pitch = load_mode(kv_cache, geometry)
-    info = _info(geometry, kc) + [splits, padded_dim(d), padded_group(hq // h), mode, pitch]
     torch.ops.spectralquant.decode_attention(
         query, kv_cache, _int32(block_table), _int32(seq_lens), _params(kc.key), _params(kc.value),
-        views.w16, views.wpar, views.part_o, views.part_ml, out, float(softmax_scale), info,
+        views.w16, views.wpar, views.part_o, views.part_ml, out, float(softmax_scale), **_geometry_args(geometry, kc),
+        num_splits=splits, padded_dim=padded_dim(d), padded_group=padded_group(hq // h), load_mode=mode, pitch=pitch,
     )  # fmt: skip
 
 
@@ -218,7 +226,7 @@ def gather_context(kv_cache, block_table, seq_lens, codec: LayerCodec, geometry:
     if bsz and max_len:
         torch.ops.spectralquant.gather_context(
             kv_cache, _int32(block_table), _int32(seq_lens), _params(kc.key), _params(kc.value), k_out, v_out,
-            _info(geometry, kc),
+            **_geometry_args(geometry, kc),
         )  # fmt: skip
     return k_out, v_out
 

@@ -1,53 +1,68 @@
-"""Pick the implementation of each packed-cache op for the tensors at hand.
+"""Pick the implementation of each packed-cache op for the tensors at hand: one registry, one loop.
 
 Order: the CUDA extension (csrc/, CUDA tensors, shapes it is built for) > Triton (CUDA tensors, or
 CPU tensors under ``TRITON_INTERPRET=1``) > the torch reference (any device). ``SPECTRALQUANT_OPS``
-forces one (``torch``, ``triton``, ``cuda``); forcing one that cannot run the call raises.
+forces one (``torch``, ``triton``, ``cuda``); forcing one that cannot run the call raises. Each
+implementation is a module with the :class:`~vllm_spectralquant.ops.kernel_impl.KernelImpl` names.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from collections.abc import Callable
 
 import torch
 
-from vllm_spectralquant.format import reference_attention
 from vllm_spectralquant.format.paged import CacheGeometry
-from vllm_spectralquant.format.paged import store_kv as _store_kv_reference
 from vllm_spectralquant.format.params import LayerCodec
+from vllm_spectralquant.ops.kernel_impl import KernelImpl
 from vllm_spectralquant.ops.workspace import DecodeWorkspace
 
-BACKENDS = ("cuda", "triton", "torch")
+#: Registered implementations, best first: name -> module.
+IMPLEMENTATIONS: dict[str, str] = {
+    "cuda": "vllm_spectralquant.ops.cuda_ext",
+    "triton": "vllm_spectralquant.ops.triton_kernels",
+    "torch": "vllm_spectralquant.ops.torch_reference",
+}
+BACKENDS = tuple(IMPLEMENTATIONS)
+
+
+def get_impl(name: str) -> KernelImpl:
+    """The implementation registered as ``name`` (imported on first use)."""
+    try:
+        return importlib.import_module(IMPLEMENTATIONS[name])  # type: ignore[return-value]
+    except KeyError:
+        raise ValueError(f"unknown kernel implementation {name!r}: choose one of {', '.join(BACKENDS)}") from None
 
 
 def available_backends(device: torch.device) -> list[str]:
     """Implementations usable for tensors on ``device``, best first."""
-    device = torch.device(device)
-    out = []
-    if device.type == "cuda":
-        from vllm_spectralquant.ops import cuda_ext
-
-        if cuda_ext.is_available():
-            out.append("cuda")
-    from vllm_spectralquant.ops import triton_kernels
-
-    if triton_kernels.is_available(device):
-        out.append("triton")
-    out.append("torch")
-    return out
+    return [name for name in IMPLEMENTATIONS if get_impl(name).is_available(device)]
 
 
-def backend_for(device: torch.device, cuda_supported: bool = True) -> str:
-    """The implementation a call on ``device`` takes (``cuda_supported``: the CUDA kernels cover its shape)."""
+def _choose(device: torch.device, covers: Callable[[str], bool]) -> str:
     forced = os.environ.get("SPECTRALQUANT_OPS")
-    have = [b for b in available_backends(device) if b != "cuda" or cuda_supported]
+    if forced and forced not in IMPLEMENTATIONS:
+        raise ValueError(f"SPECTRALQUANT_OPS={forced!r}: choose one of {', '.join(BACKENDS)}")
+    have = [name for name in available_backends(device) if covers(name)]
     if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"SPECTRALQUANT_OPS={forced!r}: choose one of {', '.join(BACKENDS)}")
         if forced not in have:
             raise RuntimeError(f"SPECTRALQUANT_OPS={forced} cannot run this call on {device} (available: {', '.join(have)})")
         return forced
     return have[0]
+
+
+def backend_for(device: torch.device, cuda_supported: bool = True) -> str:
+    """The implementation a call on ``device`` takes (``cuda_supported``: the CUDA kernels cover its shape)."""
+    return _choose(torch.device(device), lambda name: name != "cuda" or cuda_supported)
+
+
+def impl_for(device: torch.device, decode_shape: tuple[LayerCodec, CacheGeometry, int] | None = None) -> KernelImpl:
+    """The implementation for a call on ``device``; ``decode_shape`` (codec, geometry, query heads) for decode."""
+    if decode_shape is None:
+        return get_impl(_choose(torch.device(device), lambda name: True))
+    return get_impl(_choose(torch.device(device), lambda name: get_impl(name).decode_supported(*decode_shape)))
 
 
 def store_kv(
@@ -62,17 +77,7 @@ def store_kv(
 
     Runtime semantics (no exceptions on the hot path): non-finite K/V map to defined finite codes.
     """
-    impl = backend_for(kv_cache.device)
-    if impl == "torch":
-        _store_kv_reference(key, value, kv_cache, slot_mapping, codec, geometry, strict=False)
-    elif impl == "triton":
-        from vllm_spectralquant.ops import triton_kernels
-
-        triton_kernels.store_kv(key, value, kv_cache, slot_mapping, codec, geometry)
-    else:
-        from vllm_spectralquant.ops import cuda_ext
-
-        cuda_ext.store_kv(key, value, kv_cache, slot_mapping, codec, geometry)
+    impl_for(kv_cache.device).store_kv(key, value, kv_cache, slot_mapping, codec, geometry)
 
 
 def decode_attention(
@@ -92,22 +97,8 @@ def decode_attention(
     ``workspace``: a :class:`~vllm_spectralquant.ops.workspace.DecodeWorkspace` preallocated for the
     largest batch; with it the CUDA path allocates nothing and is CUDA-graph safe.
     """
-    from vllm_spectralquant.ops import cuda_ext
-
-    impl = backend_for(kv_cache.device, cuda_ext.decode_supported(codec, geometry, query.shape[1]))
-    if impl == "torch":
-        b = seq_lens.shape[0]
-        qsl = torch.arange(b + 1, device=query.device, dtype=torch.int32)
-        res = reference_attention.paged_attention(
-            query[:b], kv_cache, block_table[:b], seq_lens, qsl, codec, geometry, softmax_scale, validate=False
-        )
-        out[:b] = res.to(out.dtype)
-    elif impl == "triton":
-        from vllm_spectralquant.ops import triton_kernels
-
-        triton_kernels.decode_attention(query, kv_cache, block_table, seq_lens, codec, geometry, softmax_scale, out, workspace)
-    else:
-        cuda_ext.decode_attention(query, kv_cache, block_table, seq_lens, codec, geometry, softmax_scale, out, workspace)
+    impl = impl_for(kv_cache.device, (codec, geometry, query.shape[1]))
+    impl.decode_attention(query, kv_cache, block_table, seq_lens, codec, geometry, softmax_scale, out, workspace)
 
 
 def gather_context(
@@ -118,13 +109,4 @@ def gather_context(
     geometry: CacheGeometry,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantised context K, V float32 [B, max(seq_lens), H, D] (exact sinks; zero padding)."""
-    impl = backend_for(kv_cache.device)
-    if impl == "torch":
-        return reference_attention.gather_context(kv_cache, block_table, seq_lens, codec, geometry)
-    if impl == "triton":
-        from vllm_spectralquant.ops import triton_kernels
-
-        return triton_kernels.gather_context(kv_cache, block_table, seq_lens, codec, geometry)
-    from vllm_spectralquant.ops import cuda_ext
-
-    return cuda_ext.gather_context(kv_cache, block_table, seq_lens, codec, geometry)
+    return impl_for(kv_cache.device).gather_context(kv_cache, block_table, seq_lens, codec, geometry)

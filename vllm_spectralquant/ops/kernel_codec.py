@@ -29,14 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_spectralquant.format.kernel_limits import PAIR_MAX_BITS, PAIR_TABLE_ALIGN_ENTRIES, STRIPE_GROUPS
 from vllm_spectralquant.format.params import ComponentCodec, LayerCodec
 from vllm_spectralquant.format.presets import GROUP_SIZE
-
-
-#: Groups decoded side by side by the four lanes of an MMA quad (csrc/sq_decode.cu: group 4 p + c).
-STRIPE_GROUPS = 4
-#: Groups of at most this many bits decode two codes per pair-table lookup in the CUDA kernel.
-PAIR_MAX_BITS = 4
 
 
 def padded_dim(head_dim: int) -> int:
@@ -89,7 +84,7 @@ def _pair_tables(bits: torch.Tensor, lut16: torch.Tensor, lut_off: torch.Tensor)
         tables.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64))
     # A whole number of the largest table (256 entries): the value tables follow the key tables in
     # the kernel's shared memory and must keep the alignment.
-    n = -(-max(1, max(t.numel() for t in tables)) // 256) * 256
+    n = -(-max(1, max(t.numel() for t in tables)) // PAIR_TABLE_ALIGN_ENTRIES) * PAIR_TABLE_ALIGN_ENTRIES
     out = torch.zeros(h, n, dtype=torch.int64)
     for head, t in enumerate(tables):
         out[head, : t.numel()] = t
@@ -226,4 +221,4 @@ def kernel_codec(codec: LayerCodec, device: torch.device | str) -> KernelCodec:
     return built
 
 
-__all__ = ["PAIR_MAX_BITS", "STRIPE_GROUPS", "KernelCodec", "KernelComponent", "kernel_codec", "padded_dim"]
+__all__ = ["KernelCodec", "KernelComponent", "kernel_codec", "padded_dim"]

@@ -12,6 +12,13 @@ import os
 
 import torch
 
+NAME = "triton"
+
+
+def decode_supported(codec, geometry, num_query_heads: int) -> bool:
+    """The Triton decode covers every shape the format allows."""
+    return True
+
 
 def is_available(device: torch.device | str) -> bool:
     """True for CUDA tensors with Triton importable, or CPU tensors when TRITON_INTERPRET=1."""

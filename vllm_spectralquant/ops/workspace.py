@@ -27,10 +27,9 @@ from functools import lru_cache
 
 import torch
 
+from vllm_spectralquant.format.kernel_limits import MAX_SPLITS
 from vllm_spectralquant.ops.kernel_codec import padded_dim
 
-#: Upper bound on KV splits per sequence (the merge reads all of them).
-MAX_SPLITS = 64
 #: Each split gets at least this many tokens: below it the merge costs more than it saves.
 MIN_TOKENS_PER_SPLIT = 256
 #: Decode CTAs that fit on one SM at once (128 threads, ~128 registers; CUDA kernel).
