@@ -670,12 +670,12 @@ __global__ void __launch_bounds__(kRotThreads) merge_kernel(const DecodeArgs a) 
     const float* po = a.part_o + (part0 + r) * DP + e;
     const int64_t stride = static_cast<int64_t>(a.padded_group) * DP;
     float v = 0.f;
-    for (int s0 = 0; s0 < NS; s0 += 8) {  // 8 loads in flight before their FMAs
-      float x[8];
+    for (int s0 = 0; s0 < NS; s0 += 16) {  // 16 loads in flight before their FMAs
+      float x[16];
 #pragma unroll
-      for (int k = 0; k < 8; ++k) x[k] = s0 + k < NS ? __ldg(po + (s0 + k) * stride) : 0.f;
+      for (int k = 0; k < 16; ++k) x[k] = s0 + k < NS ? __ldg(po + (s0 + k) * stride) : 0.f;
 #pragma unroll
-      for (int k = 0; k < 8; ++k)
+      for (int k = 0; k < 16; ++k)
         if (s0 + k < NS) v = fmaf(weight[r * NS + s0 + k], x[k], v);
     }
     acc_s[i] = v * scale_v[e];

@@ -74,17 +74,18 @@ __device__ __forceinline__ int64_t spill_offset(const Cache& c, int i) {
 }
 
 // acc[r] += sum over i in [i0, i1), ascending, of in[r * D + i] * m[i * D + j], for r < rows (<= kRows).
-// `m` is a D x D fp32 matrix in global memory read down column j; its loads are issued 8 at a time
-// before their FMAs, so a thread has 8 in flight (these loops are latency-bound at small batches).
+// `m` is a D x D fp32 matrix in global memory read down column j; its loads are issued 16 at a time
+// before their FMAs, so a thread has 16 in flight (these loops are latency-bound at small batches).
 template <int kRows>
 __device__ __forceinline__ void column_dots(const float* in, const float* __restrict__ m, int D, int j, int i0, int i1,
                                             int rows, float (&acc)[kRows]) {
-  for (int i = i0; i < i1; i += 8) {
-    float u[8];
+  constexpr int kInFlight = 16;
+  for (int i = i0; i < i1; i += kInFlight) {
+    float u[kInFlight];
 #pragma unroll
-    for (int k = 0; k < 8; ++k) u[k] = i + k < i1 ? __ldg(m + static_cast<int64_t>(i + k) * D + j) : 0.f;
+    for (int k = 0; k < kInFlight; ++k) u[k] = i + k < i1 ? __ldg(m + static_cast<int64_t>(i + k) * D + j) : 0.f;
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
+    for (int k = 0; k < kInFlight; ++k) {
       if (i + k >= i1) break;
 #pragma unroll
       for (int r = 0; r < kRows; ++r)

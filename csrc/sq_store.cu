@@ -23,7 +23,7 @@ struct TileRows {
 
 __device__ void encode_component(const StoreArgs& a, const Component& comp, const void* x, int64_t s_t, int64_t s_h,
                                  int which, int h, int t0, TileRows& rows, float* xs, float* partial, float* rot,
-                                 uint8_t* codes) {
+                                 uint8_t* codes, float* lut_s) {
   const int D = a.head_dim;
   const int G = D / kGroup;
   const int tid = threadIdx.x;
@@ -31,7 +31,11 @@ __device__ void encode_component(const StoreArgs& a, const Component& comp, cons
   const float* mean = comp.mean + static_cast<int64_t>(h) * D;
   const float* scale = comp.scale + static_cast<int64_t>(h) * D;
 
-  // 1. x - mean into shared memory; sink tokens also keep their exact bf16 copy.
+  // 1. x - mean into shared memory; sink tokens also keep their exact bf16 copy. The component's level
+  //    tables come along in the same round of loads: the nearest-level search below reads them eight
+  //    times in a row, dependent, which from global memory is the store's latency floor at small batches.
+  const float* lut_g = comp.lut32 + static_cast<int64_t>(h) * comp.lut_n;
+  for (int i = tid; i < comp.lut_n; i += kThreads) lut_s[i] = __ldg(lut_g + i);
   for (int i = tid; i < kTokens * D; i += kThreads) {
     const int t = i / D, d = i % D;
     float v = 0.f;
@@ -106,7 +110,7 @@ __device__ void encode_component(const StoreArgs& a, const Component& comp, cons
 
   // 4. Nearest level of each coordinate.
   const int4* meta = comp.meta + static_cast<int64_t>(h) * G;
-  const float* lut = comp.lut32 + static_cast<int64_t>(h) * comp.lut_n;
+  const float* lut = lut_s;
   for (int i = tid; i < kTokens * D; i += kThreads) {
     const int t = i / D, e = i % D;
     const float r = rot[i];
@@ -168,7 +172,8 @@ __global__ void __launch_bounds__(kThreads) store_kernel(const StoreArgs a) {
   float* xs = smem;                          // [kTokens, D]
   float* rot = xs + kTokens * D;             // [kTokens, D]
   float* partial = rot + kTokens * D;        // [parts, kTokens, D]
-  uint8_t* codes = reinterpret_cast<uint8_t*>(partial + parts * kTokens * D);  // [kTokens, D]
+  float* lut_s = partial + parts * kTokens * D;  // [max(k.lut_n, v.lut_n)] level tables of the component at hand
+  uint8_t* codes = reinterpret_cast<uint8_t*>(lut_s + (a.k.lut_n > a.v.lut_n ? a.k.lut_n : a.v.lut_n));  // [kTokens, D]
 
   const int h = blockIdx.y;
   const int t0 = blockIdx.x * kTokens;
@@ -189,8 +194,8 @@ __global__ void __launch_bounds__(kThreads) store_kernel(const StoreArgs a) {
     }
   }
   __syncthreads();
-  encode_component(a, a.k, a.key, a.s_kt, a.s_kh, 0, h, t0, rows, xs, partial, rot, codes);
-  encode_component(a, a.v, a.value, a.s_vt, a.s_vh, 1, h, t0, rows, xs, partial, rot, codes);
+  encode_component(a, a.k, a.key, a.s_kt, a.s_kh, 0, h, t0, rows, xs, partial, rot, codes, lut_s);
+  encode_component(a, a.v, a.value, a.s_vt, a.s_vh, 1, h, t0, rows, xs, partial, rot, codes, lut_s);
 
   // Unused budget at the end of the slot is zero, as in the reference.
   const int pad = a.pad_start[h];
@@ -207,7 +212,8 @@ cudaError_t launch_store(const StoreArgs& a, cudaStream_t stream) {
   if (a.num_tokens == 0) return cudaSuccess;
   const int D = a.head_dim;
   const int parts = kThreads / D > 0 ? kThreads / D : 1;
-  const size_t smem = sizeof(float) * kTokens * D * (2 + parts) + kTokens * D;
+  const int lut_n = a.k.lut_n > a.v.lut_n ? a.k.lut_n : a.v.lut_n;
+  const size_t smem = sizeof(float) * (kTokens * D * (2 + parts) + lut_n) + kTokens * D;
   if (smem > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(store_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
