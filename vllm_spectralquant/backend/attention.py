@@ -31,7 +31,8 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from vllm_spectralquant import ops
-from vllm_spectralquant.backend.config import SpectralQuantConfig, served_model, tp_kv_head_offset
+from vllm_spectralquant.backend.config import SpectralQuantConfig, served_model
+from vllm_spectralquant.backend.tensor_parallel import check_rank_slice, current_rank
 from vllm_spectralquant.format.params import LayerCodec
 from vllm_spectralquant.format.presets import MAX_HEAD_DIM, MIN_HEAD_DIM, PRESETS, GROUP_SIZE
 from vllm_spectralquant.models.shape import unsupported_message
@@ -205,9 +206,12 @@ class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
         self.config = SpectralQuantConfig.from_vllm_config(vllm_config, head_size, kv_cache_dtype)
-        self.config.load_artifact()  # verified at startup: a bad artifact fails here, naming the cause
+        artifact = self.config.load_artifact()  # verified at startup: a bad artifact fails here, naming the cause
         total_kv_heads = served_model(vllm_config.model_config).shape.num_kv_heads
-        self.kv_head_offset = tp_kv_head_offset(self.num_kv_heads, total_kv_heads)
+        rank, world = current_rank()
+        artifact_heads = artifact.manifest.model.num_kv_heads if artifact is not None else total_kv_heads
+        heads = check_rank_slice(rank, world, self.num_kv_heads, total_kv_heads, artifact_heads)
+        self.kv_head_offset = heads.start
         self._layer: int | None = None
         self._codecs: dict[str, LayerCodec] = {}  # this layer's codec, per device
 

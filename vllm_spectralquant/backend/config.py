@@ -245,14 +245,3 @@ def served_model(model_config: Any) -> ServedModel:
         return _models.setdefault(name, model)
 
 
-def tp_kv_head_offset(num_kv_heads_local: int, total_kv_heads: int) -> int:
-    """First KV head of this tensor-parallel rank (0 outside a TP group)."""
-    try:
-        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-
-        rank, world = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-    except (ImportError, AssertionError, AttributeError):
-        return 0
-    if world <= total_kv_heads:
-        return rank * num_kv_heads_local
-    return rank * total_kv_heads // world  # KV heads replicated over ranks
