@@ -95,7 +95,6 @@ def copy_bandwidth_gbps(device) -> float:
     src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=5, rep=50, return_mode="median")
-    del src, dst
     return 2 * (1 << 30) / ms / 1e6
 
 
@@ -177,13 +176,13 @@ def packed_case(preset, b, hq, h, d, L, block_size, impls, device, bench, dry, c
         mod = get_impl(impl)
         if not mod.decode_supported(codec, geo, hq):
             continue
-        def decode(cache, table, lens, q):
+        def decode(cache, table, lens, q, mod=mod):
             return lambda: mod.decode_attention(q, cache, table, lens, codec, geo, d**-0.5, out, ws)
 
         slots = (sets[0][1][:, -1].long() * block_size + (L - 1) % block_size).contiguous()
 
-        def store():
-            mod.store_kv(key, key, sets[0][0], slots, codec, geo)
+        def store(mod=mod, slots=slots, cache=sets[0][0]):
+            mod.store_kv(key, key, cache, slots, codec, geo)
 
         try:
             t_decode = bench([decode(*s, q) for s, q in zip(sets, queries)]) * 1e3
@@ -198,7 +197,7 @@ def packed_case(preset, b, hq, h, d, L, block_size, impls, device, bench, dry, c
             "achieved_gbps": slot_bytes / t_decode / 1e3, "page_gbps": page_bytes / t_decode / 1e3,
             "store_time_us": t_store, "slot_bytes": geo.slot_bytes, "page_slot_bytes": geo.page_slot_bytes,
         })  # fmt: skip
-    del sets
+    sets.clear()  # free the caches before the next shape
     return rows
 
 
