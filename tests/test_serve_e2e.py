@@ -10,9 +10,7 @@ Measured on a 2-core AMD EPYC (AVX2), SmolLM2-135M, sq4bit, 2026-11-28: perplexi
 """
 
 import json
-import re
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -48,21 +46,13 @@ def _options(model, kv_cache_dtype):
     return ServerOptions(model, kv_cache_dtype, max_num_batched_tokens=CHUNK, max_num_seqs=16, max_model_len=2048)
 
 
-def _client(server):
-    from openai import OpenAI
-
-    server.ensure_alive()  # a dead server fails here with its log tail, not as "Connection refused"
-
-    return OpenAI(base_url=server.base_url + "/v1", api_key="unused", timeout=600)
-
-
 @pytest.fixture(scope="module")
 def reference(example_model_dir, texts):
     """Results of vLLM's own uncompressed cache (the server is stopped before ours starts)."""
     from vllm_spectralquant.serving import VllmServer
 
     with VllmServer(_options(example_model_dir, "auto")) as srv:
-        client = _client(srv)
+        client = srv.client()
         return {
             "ppl": perplexity(client, texts["windows"]),
             "greedy": greedy_many(client, texts["prompts"], 16, concurrency=8),
@@ -81,12 +71,12 @@ def server(example_model_dir, smollm2_artifact, reference):
 
 
 def test_models_endpoint(server):
-    ids = [m.id for m in _client(server).models.list().data]
+    ids = [m.id for m in server.client().models.list().data]
     assert ids == ["model"]
 
 
 def test_completion_with_logprobs(server):
-    resp = _client(server).completions.create(model="model", prompt="The capital of France is", max_tokens=8, temperature=0, logprobs=3)
+    resp = server.client().completions.create(model="model", prompt="The capital of France is", max_tokens=8, temperature=0, logprobs=3)
     choice = resp.choices[0]
     assert "Paris" in choice.text
     assert len(choice.logprobs.tokens) == 8
@@ -94,7 +84,7 @@ def test_completion_with_logprobs(server):
 
 
 def test_chat_completion(server):
-    resp = _client(server).chat.completions.create(
+    resp = server.client().chat.completions.create(
         model="model", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=20, temperature=0
     )
     msg = resp.choices[0].message.content
@@ -105,7 +95,7 @@ def test_chat_completion(server):
 
 
 def test_streaming_equals_non_streaming(server):
-    client = _client(server)
+    client = server.client()
     kw = dict(model="model", prompt="Once upon a time, in a small village,", max_tokens=24, temperature=0)
     whole = client.completions.create(**kw).choices[0].text
     streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(stream=True, **kw) if chunk.choices)
@@ -123,7 +113,7 @@ def test_sixteen_concurrent_requests(server, texts):
     words = ["The", "In", "A", "When", "It", "This", "After", "There", "My", "Today", "Once", "If", "We", "Our", "Some", "Why"]
     prompts = [tok(w, add_special_tokens=False)["input_ids"] for w in words]
     assert all(len(p) == 1 for p in prompts)
-    client = _client(server)
+    client = server.client()
     alone = greedy_many(client, prompts, 12, concurrency=1)
     together = greedy_many(client, prompts, 12, concurrency=16)
     assert all(len(t) == 12 for t in together)
@@ -134,27 +124,20 @@ def test_sixteen_concurrent_requests(server, texts):
 def test_prompt_longer_than_the_prefill_chunk(server, texts, reference):
     tok = texts["tokenizer"]
     assert len(tok(texts["long_prompt"])["input_ids"]) > 9 * CHUNK
-    got = greedy_token_ids(_client(server), texts["long_prompt"], 12)
+    got = greedy_token_ids(server.client(), texts["long_prompt"], 12)
     assert len(got) == 12
     assert got[:2] == reference["long"][:2]
 
 
-def _prefix_cache_hits(server) -> float:
-    text = urllib.request.urlopen(server.base_url + "/metrics", timeout=10).read().decode()
-    m = re.search(r"^vllm:prefix_cache_hits_total\{[^}]*\} ([0-9.e+]+)$", text, re.M)
-    assert m, "no prefix-cache metric"
-    return float(m.group(1))
-
-
 def test_shared_prefix_hits_the_compressed_cache(server, texts):
     """The second prompt's first blocks come from the (packed) prefix cache, and its answer is sane."""
-    client = _client(server)
+    client = server.client()
     prefix = texts["long_prompt"] + " " + texts["prompts"][3]  # > one 128-token block
-    before = _prefix_cache_hits(server)
+    before = server.prefix_cache_hits()
     first = greedy_token_ids(client, prefix + " In short,", 10)
     time.sleep(0.5)
     second = greedy_token_ids(client, prefix + " To summarise,", 10)
-    after = _prefix_cache_hits(server)
+    after = server.prefix_cache_hits()
     assert after - before >= 128, (before, after)
     assert len(first) == 10 and len(second) == 10
     # The same request again (now fully cached up to the last block) gives the same answer.
@@ -162,14 +145,14 @@ def test_shared_prefix_hits_the_compressed_cache(server, texts):
 
 
 def test_greedy_agreement_with_the_uncompressed_cache(server, texts, reference):
-    got = greedy_many(_client(server), texts["prompts"], 16, concurrency=8)
+    got = greedy_many(server.client(), texts["prompts"], 16, concurrency=8)
     rate = agreement(got, reference["greedy"], 4)
     print(f"\nfirst-4-token agreement with the uncompressed cache: {rate:.2f}")
     assert rate >= 0.6  # measured 13/16 = 0.81
 
 
 def test_perplexity_differs_and_stays_within_bound(server, texts, reference):
-    ppl = perplexity(_client(server), texts["windows"])
+    ppl = perplexity(server.client(), texts["windows"])
     delta = ppl / reference["ppl"] - 1
     print(f"\nperplexity: uncompressed {reference['ppl']:.3f}, {PRESET} {ppl:.3f} ({100 * delta:+.2f} %)")
     assert ppl != reference["ppl"]  # the compressed path is really in use
@@ -200,7 +183,7 @@ def test_load_200_requests_16_in_flight(server, texts):
     import httpx
 
     words = texts["long_prompt"].split()
-    client = _client(server)
+    client = server.client()
 
     def one(i: int) -> str:
         n_words = [1, 5, 20, 60, 150][i % 5]
@@ -256,7 +239,7 @@ def test_context_overflow_gets_vllms_normal_handling(server, texts):
     there. Either way the server stays healthy."""
     import openai
 
-    client = _client(server)
+    client = server.client()
     hello = texts["tokenizer"]("hello", add_special_tokens=False)["input_ids"]
     assert len(hello) == 1
     with pytest.raises(openai.BadRequestError, match="(?i)maximum context length"):
