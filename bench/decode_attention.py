@@ -133,14 +133,15 @@ def packed_case(preset, b, hq, h, d, L, block_size, impls, device, bench, dry) -
             continue
         pick = rotating(list(zip(sets, queries)))
 
-        def decode():
+        # Loop variables bound as defaults: each closure belongs to this iteration (and `sets` is freed below).
+        def decode(pick=pick, mod=mod):
             (cache, table, lens), q = pick()
             mod.decode_attention(q, cache, table, lens, codec, geo, d**-0.5, out, ws)
 
         slots = (sets[0][1][:, -1].long() * block_size + (L - 1) % block_size).contiguous()
 
-        def store():
-            mod.store_kv(key, key, sets[0][0], slots, codec, geo)
+        def store(mod=mod, cache=sets[0][0], slots=slots):
+            mod.store_kv(key, key, cache, slots, codec, geo)
 
         try:
             t_decode = bench(decode) * 1e3
