@@ -58,6 +58,7 @@ def reference(example_model_dir, texts):
             "greedy": greedy_many(client, texts["prompts"], 16, concurrency=8),
             "long": greedy_token_ids(client, texts["long_prompt"], 12),
             "capacity": srv.kv_capacity_tokens(),
+            "single": alone_and_together(client, _single_token_prompts(texts["tokenizer"]), SINGLE_TOKENS),
         }
 
 
@@ -102,23 +103,81 @@ def test_streaming_equals_non_streaming(server):
     assert streamed == whole and len(whole) > 20
 
 
-def test_sixteen_concurrent_requests(server, texts):
-    """All answered, and each answer equals the same prompt served alone: no cross-talk between sequences.
+SINGLE_WORDS = ["The", "In", "A", "When", "It", "This", "After", "There", "My", "Today", "Once", "If", "We", "Our", "Some", "Why"]
+SINGLE_TOKENS = 12
+
+
+def _single_token_prompts(tok) -> list[list[int]]:
+    prompts = [tok(w, add_special_tokens=False)["input_ids"] for w in SINGLE_WORDS]
+    assert all(len(p) == 1 for p in prompts)
+    return prompts
+
+
+def _greedy_with_margins(client, prompt, max_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy token ids and, per position, the gap between the top-2 logprobs (how near a tie it was)."""
+    resp = client.completions.create(model="model", prompt=prompt, max_tokens=max_tokens, temperature=0.0, logprobs=2,
+                                     extra_body={"return_tokens_as_token_ids": True})
+    lp = resp.choices[0].logprobs
+    ids = [int(t.split(":", 1)[1]) for t in lp.tokens]
+    margins = [top[0] - top[1] if len(top) > 1 else float("inf")
+               for top in (sorted(d.values(), reverse=True) for d in lp.top_logprobs)]
+    return ids, margins
+
+
+def alone_and_together(client, prompts, max_tokens: int):
+    """Each prompt served alone (one at a time), then all of them at once."""
+    alone = [_greedy_with_margins(client, p, max_tokens) for p in prompts]
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        together = list(pool.map(lambda p: _greedy_with_margins(client, p, max_tokens), prompts))
+    return alone, together
+
+
+def divergences(alone, together) -> list[tuple[int, int, float]]:
+    """(prompt, first differing position, top-2 logprob gap of the alone run there) for each prompt whose
+    output differs."""
+    out = []
+    for i, ((a_ids, a_margin), (t_ids, _)) in enumerate(zip(alone, together)):
+        k = next((j for j, (x, y) in enumerate(zip(a_ids, t_ids)) if x != y), None)
+        if k is not None:
+            out.append((i, k, a_margin[k]))
+    return out
+
+
+#: An output served in a batch may part from the same prompt served alone only where the alone run
+#: was a near-tie: its top-2 logprobs closer than this (nats). Measured: 0.047 (sq4bit). A batching
+#: bug (a wrong slot, a wrong split between sequences) breaks confident predictions instead.
+NEAR_TIE_NATS = 0.5
+
+
+def test_sixteen_concurrent_requests(server, texts, reference):
+    """All answered; batched outputs equal those served alone except where rounding may flip a near-tie.
+
+    Why not "equal": batched floating point is not batch-invariant. On this CPU an fp32 matmul over 512
+    rows differs from the same rows one at a time in ~90 % of the elements (last ulps), and the torch
+    reference decode of 16 sequences padded to the longest context differs from each alone by <= 6.4e-7
+    (relative; same batch twice: bitwise equal; the store is deterministic). vLLM's own uncompressed
+    cache shows no effect (the `reference` fixture: batched == alone for 16 x 12 tokens, and 64/64 in
+    4 rounds measured). The quantising store turns such last-ulp differences into a different code in
+    ~1 of 1536 token-heads per layer (measured on SmolLM2 K/V, sq4bit); a different code moves the
+    logits by ~0.05 nats, and greedy flips where the two best tokens were that close (measured: "Our",
+    position 11, gap 0.047 nats, in 2 of 4 rounds; the flake of issue 10 was 2/16 prompts within 8
+    tokens). So the guarantee checked here is: no disagreement at a confident position.
 
     Single-token prompts, so every request is prefilled in one step however the 16 are scheduled
     (longer prompts get chunked at different boundaries under load, which legitimately changes which
     tokens attend over raw vs. packed K/V).
     """
-    tok = texts["tokenizer"]
-    words = ["The", "In", "A", "When", "It", "This", "After", "There", "My", "Today", "Once", "If", "We", "Our", "Some", "Why"]
-    prompts = [tok(w, add_special_tokens=False)["input_ids"] for w in words]
-    assert all(len(p) == 1 for p in prompts)
-    client = server.client()
-    alone = greedy_many(client, prompts, 12, concurrency=1)
-    together = greedy_many(client, prompts, 12, concurrency=16)
-    assert all(len(t) == 12 for t in together)
-    # Batched matmuls round differently from unbatched ones, which could flip a rare near-tie.
-    assert agreement(together, alone, 8) >= 15 / 16
+    prompts = _single_token_prompts(texts["tokenizer"])
+    alone, together = alone_and_together(server.client(), prompts, SINGLE_TOKENS)
+    assert all(len(t[0]) == SINGLE_TOKENS for t in together)
+    diverged = divergences(alone, together)
+    print(f"\n{PRESET}: {len(prompts) - len(diverged)}/{len(prompts)} batched outputs equal alone for all {SINGLE_TOKENS} tokens; "
+          f"divergences (prompt, position, alone top-2 gap): {diverged}")
+    assert all(gap < NEAR_TIE_NATS for _, _, gap in diverged), diverged
+    # vLLM's own cache, same prompts on the reference server: no quantiser, so no amplified rounding.
+    ref_diverged = divergences(*reference["single"])
+    print(f"uncompressed cache: divergences {ref_diverged}")
+    assert all(gap < 1e-3 for _, _, gap in ref_diverged), ref_diverged
 
 
 def test_prompt_longer_than_the_prefill_chunk(server, texts, reference):
