@@ -59,5 +59,7 @@ def test_parse_metric_sums_label_sets():
     )
     assert parse_metric(text, "vllm:num_preemptions_total") == 3.0
     assert parse_metric(text, "vllm:request_success_total") == 7.0
+    assert parse_metric(text, "vllm:request_success_total", finished_reason="abort") == 2.0
+    assert parse_metric(text, "vllm:request_success_total", finished_reason="error") is None
     assert parse_metric(text, "vllm:kv_cache_usage_perc") == 0.0
     assert parse_metric(text, "vllm:prefix_cache_hits_total") is None

@@ -76,10 +76,15 @@ class ServerOptions:
         return a + list(self.extra_args)
 
 
-def parse_metric(text: str, name: str) -> float | None:
-    """Sum over label sets of the Prometheus sample ``name`` in a /metrics page (None when absent)."""
-    values = re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.eE+-]+|NaN)$", text, re.M)
-    return sum(float(v) for v in values) if values else None
+def parse_metric(text: str, name: str, **labels: str) -> float | None:
+    """Sum of the Prometheus samples ``name`` in a /metrics page whose labels include ``labels``
+    (e.g. ``finished_reason="abort"``); None when there is none."""
+    total, found = 0.0, False
+    for m in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? ([0-9.eE+-]+|NaN)$", text, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total, found = total + float(m.group(2)), True
+    return total if found else None
 
 
 class VllmServer:
@@ -98,6 +103,7 @@ class VllmServer:
         self._own_log = log_path is None
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
+        self._stopped = False  # stop() was called: an exit after that is not a death
 
     @property
     def base_url(self) -> str:
@@ -156,9 +162,10 @@ class VllmServer:
         with urllib.request.urlopen(self.base_url + "/metrics", timeout=10) as r:
             return r.read().decode()
 
-    def metric(self, name: str) -> float | None:
-        """One /metrics sample summed over its label sets, e.g. ``vllm:num_preemptions_total`` (None when absent)."""
-        return parse_metric(self.metrics(), name)
+    def metric(self, name: str, **labels: str) -> float | None:
+        """A /metrics sample summed over the label sets that include ``labels``, e.g.
+        ``metric("vllm:request_success_total", finished_reason="abort")`` (None when absent)."""
+        return parse_metric(self.metrics(), name, **labels)
 
     def prefix_cache_hits(self) -> float:
         """Prompt tokens served from the prefix cache so far (``vllm:prefix_cache_hits_total``)."""
@@ -173,6 +180,7 @@ class VllmServer:
         return int(m.group(1).replace(",", "")) if m else None
 
     def stop(self, timeout: float = 30.0) -> None:
+        self._stopped = True
         if self.proc is None or self.proc.poll() is not None:
             return
         try:
@@ -189,7 +197,7 @@ class VllmServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        died = self.proc is not None and self.proc.poll() is not None
+        died = self.proc is not None and self.proc.poll() is not None and not self._stopped
         self.stop()
         if died:  # keep the evidence: the log path goes to stderr with its tail
             sys.stderr.write(f"vllm serve had exited with code {self.proc.returncode}; log kept at {self.log_path}:\n{self.log_tail()}\n")
