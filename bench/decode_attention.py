@@ -176,6 +176,7 @@ def packed_case(preset, b, hq, h, d, L, block_size, impls, device, bench, dry, c
         mod = get_impl(impl)
         if not mod.decode_supported(codec, geo, hq):
             continue
+
         def decode(cache, table, lens, q, mod=mod):
             return lambda: mod.decode_attention(q, cache, table, lens, codec, geo, d**-0.5, out, ws)
 

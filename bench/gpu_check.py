@@ -20,7 +20,6 @@ import json
 import re
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from vllm_spectralquant.evaluation.metrics import agreement, greedy_many, greedy_token_ids
@@ -28,12 +27,6 @@ from vllm_spectralquant.serving import ServerOptions, VllmServer
 
 GRAPHS = ["--compilation-config", json.dumps({"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"})]
 CHUNK = 256
-
-
-def client_of(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server.base_url + "/v1", api_key="unused", timeout=600)
 
 
 def prompts_from(tokenizer_dir: Path) -> tuple[list[list[int]], list[list[int]], list[int]]:
@@ -47,12 +40,6 @@ def prompts_from(tokenizer_dir: Path) -> tuple[list[list[int]], list[list[int]],
     short = [ids[1000 + 97 * i : 1000 + 97 * i + 24] for i in range(16)]
     single = [[ids[5000 + 13 * i]] for i in range(16)]
     return short, single, ids[20000 : 20000 + 3 * CHUNK + 17]
-
-
-def prefix_hits(server) -> float:
-    text = urllib.request.urlopen(server.base_url + "/metrics", timeout=10).read().decode()
-    m = re.search(r"^vllm:prefix_cache_hits_total\{[^}]*\} ([0-9.e+]+)$", text, re.M)
-    return float(m.group(1)) if m else float("nan")
 
 
 def cudagraph_mode(log: str) -> str:
@@ -86,7 +73,7 @@ def main(argv=None) -> int:
         out["kv_capacity_tokens"] = srv.kv_capacity_tokens()
         out["block_size"] = (re.findall(r"block size to (\d+)", log) or ["?"])[-1]
         check("backend", "SpectralQuant backend:" in log, f"capacity {out['kv_capacity_tokens']} tokens, cudagraph {out['cudagraph_mode']}", results)
-        c = client_of(srv)
+        c = srv.client()
         check("models", [m.id for m in c.models.list().data] == ["model"], "/v1/models", results)
         r = c.completions.create(model="model", prompt=short[0], max_tokens=8, temperature=0, logprobs=2)
         check("completions+logprobs", len(r.choices[0].logprobs.tokens) == 8, repr(r.choices[0].text), results)
@@ -102,20 +89,20 @@ def main(argv=None) -> int:
         check("16 concurrent", rate >= 15 / 16, f"first 8 tokens equal to alone for {rate * 16:.0f}/16", results)
         got = greedy_token_ids(c, long_prompt, 8)
         check("chunked prefill", len(got) == 8, f"{len(long_prompt)}-token prompt, chunk {CHUNK}", results)
-        before = prefix_hits(srv)
+        before = srv.prefix_cache_hits()
         greedy_token_ids(c, long_prompt + short[2], 4)
-        after = prefix_hits(srv)
+        after = srv.prefix_cache_hits()
         check("prefix caching", after - before >= 128, f"hit tokens +{after - before:.0f}", results)
         graph_greedy = greedy_many(c, short, 32, concurrency=16)
 
     with VllmServer(ServerOptions(args.model, kv, **dict(base, enforce_eager=True)), startup_timeout=900) as srv:
-        eager_greedy = greedy_many(client_of(srv), short, 32, concurrency=16)
+        eager_greedy = greedy_many(srv.client(), short, 32, concurrency=16)
     rate = agreement(eager_greedy, graph_greedy, 32)
     check("eager == graph", rate >= 15 / 16, f"32-token greedy equal for {rate * 16:.0f}/16 prompts", results)
 
     with VllmServer(ServerOptions(args.model, "auto", extra_args=["--attention-backend", "TRITON_ATTN"], **dict(base, enforce_eager=True)),
                     startup_timeout=900) as srv:
-        ref = greedy_many(client_of(srv), short, 32, concurrency=16)
+        ref = greedy_many(srv.client(), short, 32, concurrency=16)
     out["greedy_agreement_vs_triton_attn"] = {k: agreement(graph_greedy, ref, k) for k in (1, 4, 8, 32)}
     print(f"greedy agreement with TRITON_ATTN bf16 (first k tokens): {out['greedy_agreement_vs_triton_attn']}", flush=True)
     out["verdict"] = "PASS" if all(r["ok"] for r in results) else "FAIL"

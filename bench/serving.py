@@ -49,9 +49,7 @@ def stream_one(client, prompt_ids: list[int], max_tokens: int) -> dict:
 
 
 def run_workload(server: VllmServer, batch: int, prompt_tokens: int, output_tokens: int, vocab: int) -> dict:
-    from openai import OpenAI
-
-    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused", timeout=3600)
+    client = server.client(timeout=3600)
     # Distinct prompts (no prefix sharing), deterministic token ids away from special tokens.
     prompts = [[(1000 + 7919 * (i * prompt_tokens + j)) % (vocab - 2000) + 1000 for j in range(prompt_tokens)] for i in range(batch)]
     stream_one(client, prompts[0][:16], 4)  # warm-up

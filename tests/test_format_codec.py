@@ -39,7 +39,7 @@ def test_turboquant_layout_matches_vllm_sizes():
 def test_bitpack_roundtrip_every_width():
     gen = torch.Generator().manual_seed(0)
     h, g = 4, 16
-    for trial in range(5):
+    for _ in range(5):
         bits = torch.randint(0, MAX_BITS + 1, (h, g), generator=gen, dtype=torch.int32)
         offsets = group_offsets(bits, 3)
         size = int((offsets[:, -1] + bits[:, -1]).max()) + 5

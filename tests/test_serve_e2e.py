@@ -10,9 +10,7 @@ Measured on a 2-core AMD EPYC (AVX2), SmolLM2-135M, sq4bit, 2026-11-28: perplexi
 """
 
 import json
-import re
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -48,26 +46,19 @@ def _options(model, kv_cache_dtype):
     return ServerOptions(model, kv_cache_dtype, max_num_batched_tokens=CHUNK, max_num_seqs=16, max_model_len=2048)
 
 
-def _client(server):
-    from openai import OpenAI
-
-    server.ensure_alive()  # a dead server fails here with its log tail, not as "Connection refused"
-
-    return OpenAI(base_url=server.base_url + "/v1", api_key="unused", timeout=600)
-
-
 @pytest.fixture(scope="module")
 def reference(example_model_dir, texts):
     """Results of vLLM's own uncompressed cache (the server is stopped before ours starts)."""
     from vllm_spectralquant.serving import VllmServer
 
     with VllmServer(_options(example_model_dir, "auto")) as srv:
-        client = _client(srv)
+        client = srv.client()
         return {
             "ppl": perplexity(client, texts["windows"]),
             "greedy": greedy_many(client, texts["prompts"], 16, concurrency=8),
             "long": greedy_token_ids(client, texts["long_prompt"], 12),
             "capacity": srv.kv_capacity_tokens(),
+            "single": alone_and_together(client, _single_token_prompts(texts["tokenizer"]), SINGLE_TOKENS),
         }
 
 
@@ -81,12 +72,12 @@ def server(example_model_dir, smollm2_artifact, reference):
 
 
 def test_models_endpoint(server):
-    ids = [m.id for m in _client(server).models.list().data]
+    ids = [m.id for m in server.client().models.list().data]
     assert ids == ["model"]
 
 
 def test_completion_with_logprobs(server):
-    resp = _client(server).completions.create(model="model", prompt="The capital of France is", max_tokens=8, temperature=0, logprobs=3)
+    resp = server.client().completions.create(model="model", prompt="The capital of France is", max_tokens=8, temperature=0, logprobs=3)
     choice = resp.choices[0]
     assert "Paris" in choice.text
     assert len(choice.logprobs.tokens) == 8
@@ -94,7 +85,7 @@ def test_completion_with_logprobs(server):
 
 
 def test_chat_completion(server):
-    resp = _client(server).chat.completions.create(
+    resp = server.client().chat.completions.create(
         model="model", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=20, temperature=0
     )
     msg = resp.choices[0].message.content
@@ -105,56 +96,107 @@ def test_chat_completion(server):
 
 
 def test_streaming_equals_non_streaming(server):
-    client = _client(server)
+    client = server.client()
     kw = dict(model="model", prompt="Once upon a time, in a small village,", max_tokens=24, temperature=0)
     whole = client.completions.create(**kw).choices[0].text
     streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(stream=True, **kw) if chunk.choices)
     assert streamed == whole and len(whole) > 20
 
 
-def test_sixteen_concurrent_requests(server, texts):
-    """All answered, and each answer equals the same prompt served alone: no cross-talk between sequences.
+SINGLE_WORDS = ["The", "In", "A", "When", "It", "This", "After", "There", "My", "Today", "Once", "If", "We", "Our", "Some", "Why"]
+SINGLE_TOKENS = 12
+
+
+def _single_token_prompts(tok) -> list[list[int]]:
+    prompts = [tok(w, add_special_tokens=False)["input_ids"] for w in SINGLE_WORDS]
+    assert all(len(p) == 1 for p in prompts)
+    return prompts
+
+
+def _greedy_with_margins(client, prompt, max_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy token ids and, per position, the gap between the top-2 logprobs (how near a tie it was)."""
+    resp = client.completions.create(model="model", prompt=prompt, max_tokens=max_tokens, temperature=0.0, logprobs=2,
+                                     extra_body={"return_tokens_as_token_ids": True})
+    lp = resp.choices[0].logprobs
+    ids = [int(t.split(":", 1)[1]) for t in lp.tokens]
+    margins = [top[0] - top[1] if len(top) > 1 else float("inf")
+               for top in (sorted(d.values(), reverse=True) for d in lp.top_logprobs)]
+    return ids, margins
+
+
+def alone_and_together(client, prompts, max_tokens: int):
+    """Each prompt served alone (one at a time), then all of them at once."""
+    alone = [_greedy_with_margins(client, p, max_tokens) for p in prompts]
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        together = list(pool.map(lambda p: _greedy_with_margins(client, p, max_tokens), prompts))
+    return alone, together
+
+
+def divergences(alone, together) -> list[tuple[int, int, float]]:
+    """(prompt, first differing position, top-2 logprob gap of the alone run there) for each prompt whose
+    output differs."""
+    out = []
+    for i, ((a_ids, a_margin), (t_ids, _)) in enumerate(zip(alone, together)):
+        k = next((j for j, (x, y) in enumerate(zip(a_ids, t_ids)) if x != y), None)
+        if k is not None:
+            out.append((i, k, a_margin[k]))
+    return out
+
+
+#: An output served in a batch may part from the same prompt served alone only where the alone run
+#: was a near-tie: its top-2 logprobs closer than this (nats). Measured: 0.047 (sq4bit). A batching
+#: bug (a wrong slot, a wrong split between sequences) breaks confident predictions instead.
+NEAR_TIE_NATS = 0.5
+
+
+def test_sixteen_concurrent_requests(server, texts, reference):
+    """All answered; batched outputs equal those served alone except where rounding may flip a near-tie.
+
+    Why not "equal": batched floating point is not batch-invariant. On this CPU an fp32 matmul over 512
+    rows differs from the same rows one at a time in ~90 % of the elements (last ulps), and the torch
+    reference decode of 16 sequences padded to the longest context differs from each alone by <= 6.4e-7
+    (relative; same batch twice: bitwise equal; the store is deterministic). vLLM's own uncompressed
+    cache shows no effect (the `reference` fixture: batched == alone for 16 x 12 tokens, and 64/64 in
+    4 rounds measured). The quantising store turns such last-ulp differences into a different code in
+    ~1 of 1536 token-heads per layer (measured on SmolLM2 K/V, sq4bit); a different code moves the
+    logits by ~0.05 nats, and greedy flips where the two best tokens were that close (measured: "Our",
+    position 11, gap 0.047 nats, in 2 of 4 rounds; the flake of issue 10 was 2/16 prompts within 8
+    tokens). So the guarantee checked here is: no disagreement at a confident position.
 
     Single-token prompts, so every request is prefilled in one step however the 16 are scheduled
     (longer prompts get chunked at different boundaries under load, which legitimately changes which
     tokens attend over raw vs. packed K/V).
     """
-    tok = texts["tokenizer"]
-    words = ["The", "In", "A", "When", "It", "This", "After", "There", "My", "Today", "Once", "If", "We", "Our", "Some", "Why"]
-    prompts = [tok(w, add_special_tokens=False)["input_ids"] for w in words]
-    assert all(len(p) == 1 for p in prompts)
-    client = _client(server)
-    alone = greedy_many(client, prompts, 12, concurrency=1)
-    together = greedy_many(client, prompts, 12, concurrency=16)
-    assert all(len(t) == 12 for t in together)
-    # Batched matmuls round differently from unbatched ones, which could flip a rare near-tie.
-    assert agreement(together, alone, 8) >= 15 / 16
+    prompts = _single_token_prompts(texts["tokenizer"])
+    alone, together = alone_and_together(server.client(), prompts, SINGLE_TOKENS)
+    assert all(len(t[0]) == SINGLE_TOKENS for t in together)
+    diverged = divergences(alone, together)
+    print(f"\n{PRESET}: {len(prompts) - len(diverged)}/{len(prompts)} batched outputs equal alone for all {SINGLE_TOKENS} tokens; "
+          f"divergences (prompt, position, alone top-2 gap): {diverged}")
+    assert all(gap < NEAR_TIE_NATS for _, _, gap in diverged), diverged
+    # vLLM's own cache, same prompts on the reference server: no quantiser, so no amplified rounding.
+    ref_diverged = divergences(*reference["single"])
+    print(f"uncompressed cache: divergences {ref_diverged}")
+    assert all(gap < 1e-3 for _, _, gap in ref_diverged), ref_diverged
 
 
 def test_prompt_longer_than_the_prefill_chunk(server, texts, reference):
     tok = texts["tokenizer"]
     assert len(tok(texts["long_prompt"])["input_ids"]) > 9 * CHUNK
-    got = greedy_token_ids(_client(server), texts["long_prompt"], 12)
+    got = greedy_token_ids(server.client(), texts["long_prompt"], 12)
     assert len(got) == 12
     assert got[:2] == reference["long"][:2]
 
 
-def _prefix_cache_hits(server) -> float:
-    text = urllib.request.urlopen(server.base_url + "/metrics", timeout=10).read().decode()
-    m = re.search(r"^vllm:prefix_cache_hits_total\{[^}]*\} ([0-9.e+]+)$", text, re.M)
-    assert m, "no prefix-cache metric"
-    return float(m.group(1))
-
-
 def test_shared_prefix_hits_the_compressed_cache(server, texts):
     """The second prompt's first blocks come from the (packed) prefix cache, and its answer is sane."""
-    client = _client(server)
+    client = server.client()
     prefix = texts["long_prompt"] + " " + texts["prompts"][3]  # > one 128-token block
-    before = _prefix_cache_hits(server)
+    before = server.prefix_cache_hits()
     first = greedy_token_ids(client, prefix + " In short,", 10)
     time.sleep(0.5)
     second = greedy_token_ids(client, prefix + " To summarise,", 10)
-    after = _prefix_cache_hits(server)
+    after = server.prefix_cache_hits()
     assert after - before >= 128, (before, after)
     assert len(first) == 10 and len(second) == 10
     # The same request again (now fully cached up to the last block) gives the same answer.
@@ -162,14 +204,14 @@ def test_shared_prefix_hits_the_compressed_cache(server, texts):
 
 
 def test_greedy_agreement_with_the_uncompressed_cache(server, texts, reference):
-    got = greedy_many(_client(server), texts["prompts"], 16, concurrency=8)
+    got = greedy_many(server.client(), texts["prompts"], 16, concurrency=8)
     rate = agreement(got, reference["greedy"], 4)
     print(f"\nfirst-4-token agreement with the uncompressed cache: {rate:.2f}")
     assert rate >= 0.6  # measured 13/16 = 0.81
 
 
 def test_perplexity_differs_and_stays_within_bound(server, texts, reference):
-    ppl = perplexity(_client(server), texts["windows"])
+    ppl = perplexity(server.client(), texts["windows"])
     delta = ppl / reference["ppl"] - 1
     print(f"\nperplexity: uncompressed {reference['ppl']:.3f}, {PRESET} {ppl:.3f} ({100 * delta:+.2f} %)")
     assert ppl != reference["ppl"]  # the compressed path is really in use
@@ -200,7 +242,7 @@ def test_load_200_requests_16_in_flight(server, texts):
     import httpx
 
     words = texts["long_prompt"].split()
-    client = _client(server)
+    client = server.client()
 
     def one(i: int) -> str:
         n_words = [1, 5, 20, 60, 150][i % 5]
@@ -256,7 +298,7 @@ def test_context_overflow_gets_vllms_normal_handling(server, texts):
     there. Either way the server stays healthy."""
     import openai
 
-    client = _client(server)
+    client = server.client()
     hello = texts["tokenizer"]("hello", add_special_tokens=False)["input_ids"]
     assert len(hello) == 1
     with pytest.raises(openai.BadRequestError, match="(?i)maximum context length"):

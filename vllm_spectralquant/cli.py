@@ -33,6 +33,23 @@ def _cmd_example_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokens_column():
+    """A rich progress column "done/total tokens" that also renders before the total is known.
+
+    (A format string such as "{task.total:,}" raises TypeError while the task's total is None, as it
+    is until the job has counted the corpus windows.)
+    """
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class TokensColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            total = "?" if task.total is None else f"{int(task.total):,}"
+            return Text(f"{int(task.completed):,}/{total} tokens")
+
+    return TokensColumn()
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -53,7 +70,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     )
     if args.key_weight is not None:
         cfg.key_weight = args.key_weight
-    columns = (TextColumn("calibrating"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} tokens"),
+    columns = (TextColumn("calibrating"), BarColumn(), _tokens_column(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, transient=True, disable=args.quiet) as bar:
         task = bar.add_task("collect", total=None)

@@ -32,8 +32,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     preset = get_preset(args.preset)
 
-    from openai import OpenAI
-
     from vllm_spectralquant.calibrate.job import ensure_calibrated
     from vllm_spectralquant.models.example_model import ensure_example_model
     from vllm_spectralquant.serving import ServerOptions, VllmServer
@@ -50,7 +48,7 @@ def main(argv=None) -> int:
     print(f"[3/4] starting: vllm serve {' '.join(opts.args())}")
     with VllmServer(opts) as server:
         print(f"      healthy at {server.base_url} after {time.monotonic() - t0:.0f}s")
-        client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+        client = server.client()
         resp = client.chat.completions.create(
             model="model", messages=[{"role": "user", "content": args.question}], max_tokens=96, temperature=0
         )
@@ -60,9 +58,9 @@ def main(argv=None) -> int:
     bf16 = bf16_capacity_tokens(shape, args.kv_cache_gib << 30, block_size=128)
     print(f"[4/4] {args.question}\n\n{answer}\n")
     head_dim = shape.head_dim
+    ratio = f"{capacity:,} tokens (bf16: {bf16:,} tokens) -> {capacity / bf16:.2f}x" if capacity else f"not in the server log (bf16: {bf16:,} tokens)"
     print(
-        f"KV capacity with {preset.kv_cache_dtype} in {args.kv_cache_gib} GiB: {capacity:,} tokens "
-        f"(bf16: {bf16:,} tokens) -> {capacity / bf16:.2f}x; "
+        f"KV capacity with {preset.kv_cache_dtype} in {args.kv_cache_gib} GiB: {ratio}; "
         f"{preset.slot_bytes(head_dim)} B per head-token vs {4 * head_dim} B"
     )
     print(f"server stopped; {time.monotonic() - t0:.0f}s in all")

@@ -1,9 +1,12 @@
-"""Files: data shipped inside installed packages (found without importing them) and checksums."""
+"""Files: data shipped inside installed packages (found without importing them), checksums and atomic writes."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
+import os
+import tempfile
 from pathlib import Path
 
 from vllm_spectralquant.errors import SpectralQuantError
@@ -38,3 +41,31 @@ def file_sha256(path: Path | str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def write_atomic(path: Path | str, payload: bytes, mode: int = 0o644) -> Path:
+    """Write ``payload`` to ``path`` atomically: a temporary file next to it, then a rename over it.
+
+    Readers see the old file or the new one, never a part; a failed write leaves no temporary file.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.chmod(tmp, mode)  # mkstemp makes 0600; reports are meant to be read by others
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_figure(fig, path: Path | str, dpi: float | None = None) -> Path:
+    """Render a matplotlib ``Figure`` (no pyplot, no global backend switch) to a PNG at ``path``, atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)  # attaches itself to fig
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi if dpi is not None else "figure")
+    return write_atomic(path, buf.getvalue())

@@ -76,27 +76,49 @@ class ServerOptions:
         return a + list(self.extra_args)
 
 
-class VllmServer:
-    """``with VllmServer(opts) as srv: srv.base_url ...`` — the process is stopped on exit."""
+def parse_metric(text: str, name: str, **labels: str) -> float | None:
+    """Sum of the Prometheus samples ``name`` in a /metrics page whose labels include ``labels``
+    (e.g. ``finished_reason="abort"``); None when there is none."""
+    total, found = 0.0, False
+    for m in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? ([0-9.eE+-]+|NaN)$", text, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total, found = total + float(m.group(2)), True
+    return total if found else None
 
-    def __init__(self, opts: ServerOptions, *, startup_timeout: float = 600.0, log_path: Path | None = None):
+
+class VllmServer:
+    """``with VllmServer(opts) as srv: srv.base_url ...`` — the process is stopped on exit.
+
+    ``opts`` is either ServerOptions or the literal arguments after ``vllm serve`` (a list of strings,
+    used verbatim but for ``--host 127.0.0.1 --port N``, which are always added).
+    """
+
+    def __init__(self, opts: ServerOptions | list[str], *, startup_timeout: float = 600.0, log_path: Path | None = None,
+                 env: dict[str, str] | None = None):
         self.opts = opts
+        self.env = dict(env or {})
         self.port = free_port()
         self.startup_timeout = startup_timeout
         self._own_log = log_path is None
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
+        self._stopped = False  # stop() was called: an exit after that is not a death
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> VllmServer:
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.opts.kv_cache_gib))
+        env = dict(os.environ, **self.env)
+        if isinstance(self.opts, ServerOptions):
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.opts.kv_cache_gib))
+            args = self.opts.args()
+        else:
+            args = [str(a) for a in self.opts]
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
-        cmd = vllm_command() + self.opts.args() + ["--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = vllm_command() + args + ["--host", "127.0.0.1", "--port", str(self.port)]
         with open(self.log_path, "wb") as log:
             # A new session, so stop() can signal the engine core and workers too.
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -128,12 +150,37 @@ class VllmServer:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log().splitlines()[-lines:])
 
+    def client(self, timeout: float = 600.0):
+        """An OpenAI client for this server; raises with the log tail if the server has died."""
+        from openai import OpenAI
+
+        self.ensure_alive()  # a dead server fails here with its log tail, not as "Connection refused"
+        return OpenAI(base_url=self.base_url + "/v1", api_key="unused", timeout=timeout)
+
+    def metrics(self) -> str:
+        """The Prometheus text of /metrics."""
+        with urllib.request.urlopen(self.base_url + "/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """A /metrics sample summed over the label sets that include ``labels``, e.g.
+        ``metric("vllm:request_success_total", finished_reason="abort")`` (None when absent)."""
+        return parse_metric(self.metrics(), name, **labels)
+
+    def prefix_cache_hits(self) -> float:
+        """Prompt tokens served from the prefix cache so far (``vllm:prefix_cache_hits_total``)."""
+        hits = self.metric("vllm:prefix_cache_hits_total")
+        if hits is None:
+            raise RuntimeError(f"{self.base_url}/metrics has no vllm:prefix_cache_hits_total (prefix caching off?)")
+        return hits
+
     def kv_capacity_tokens(self) -> int | None:
         """The KV capacity vLLM logged at startup ("... KV cache size: N tokens")."""
         m = KV_CAPACITY_RE.search(self.log())
         return int(m.group(1).replace(",", "")) if m else None
 
     def stop(self, timeout: float = 30.0) -> None:
+        self._stopped = True
         if self.proc is None or self.proc.poll() is not None:
             return
         try:
@@ -150,7 +197,7 @@ class VllmServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        died = self.proc is not None and self.proc.poll() is not None
+        died = self.proc is not None and self.proc.poll() is not None and not self._stopped
         self.stop()
         if died:  # keep the evidence: the log path goes to stderr with its tail
             sys.stderr.write(f"vllm serve had exited with code {self.proc.returncode}; log kept at {self.log_path}:\n{self.log_tail()}\n")

@@ -13,18 +13,16 @@ half-written file; the plots are written before ``report.md``, which links them.
 
 from __future__ import annotations
 
-import io
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from vllm_spectralquant.files import save_figure, write_atomic
 
 #: Coordinates per group; one bit more for a group costs one byte.
 GROUP_SIZE = 8
@@ -101,28 +99,8 @@ def bits_per_coordinate(group_bits: torch.Tensor) -> torch.Tensor:
     return group_bits.to(torch.float64).mean(-1)  # head_dim = 8 G, so the sum over 8 G is the mean
 
 
-# --- atomic writes ------------------------------------------------------------------------------
-
-
-def _write_atomic(path: Path, payload: bytes) -> Path:
-    """Write ``payload`` to a temporary file next to ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the report is meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _save_figure(fig: Figure, path: Path) -> Path:
-    FigureCanvasAgg(fig)  # attaches itself to fig; no pyplot, no global backend switch
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    return _write_atomic(path, buf.getvalue())
+    return save_figure(fig, path, dpi=DPI)
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -391,5 +369,5 @@ def write_report(out_dir: Path, data: ReportData) -> list[Path]:
         _plot_deff_heatmap(pr_key, pr_value, data.head_dim, out_dir / DEFF_HEATMAP_PNG),
         _plot_bits(data, out_dir / BITS_PNG),
     ]
-    written.append(_write_atomic(out_dir / REPORT_MD, _markdown(data, pr_key, pr_value).encode()))
+    written.append(write_atomic(out_dir / REPORT_MD, _markdown(data, pr_key, pr_value).encode()))
     return written

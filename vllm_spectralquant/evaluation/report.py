@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+from vllm_spectralquant.files import save_figure, write_atomic
 
 
 def markdown(report: dict) -> str:
@@ -36,11 +31,9 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.2), dpi=100)
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     colors = {"bf16": "black", "spectralquant": "tab:blue", "turboquant": "tab:orange"}
     for method in colors:
@@ -56,15 +49,13 @@ def plot(report: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write(report: dict, json_path: Path | None, md_path: Path | None, png_path: Path | None) -> None:
     if json_path:
-        _atomic_write(Path(json_path), json.dumps(report, indent=2).encode())
+        write_atomic(Path(json_path), json.dumps(report, indent=2).encode())
     if md_path:
-        _atomic_write(Path(md_path), markdown(report).encode())
+        write_atomic(Path(md_path), markdown(report).encode())
     if png_path:
         plot(report, Path(png_path))

@@ -112,8 +112,6 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Cal
     ``on_result`` gets the report so far (``"complete": False``) after each method, so a caller can
     save partial results of a long run.
     """
-    from openai import OpenAI
-
     from vllm_spectralquant.serving import ServerOptions, VllmServer
 
     cfg.model_dir = Path(cfg.model_dir)
@@ -154,7 +152,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Cal
         t0 = time.monotonic()
         log(f"  {kv_dtype}: starting vllm serve")
         with VllmServer(opts) as server:
-            client = OpenAI(base_url=server.base_url + "/v1", api_key="unused", timeout=3600)
+            client = server.client(timeout=3600)
             ppl = perplexity(client, windows, concurrency=4, first_scored=cfg.prefill_chunk + 1)
             greedy = greedy_many(client, prompts, cfg.greedy_tokens, concurrency=8)
             needle_rate, needles = pass_rate(client, trials)
