@@ -88,36 +88,27 @@ __device__ __forceinline__ float fp16_smem(uint32_t addr) {  // fp16 at any byte
 // ---- decoding one code group of one staged entry -------------------------------------------------
 
 // Levels of the 8 codes of group `m` (byte offset, LUT offset, bits, mask) of the entry at shared
-// address `row`, as 4 half2: codes (0,1), (2,3), (4,5), (6,7). `fast`: bits <= 4, so the 8 codes lie
-// in the 32 bits starting at the group's first byte.
-__device__ __forceinline__ void decode_group(uint32_t row, int4 m, uint32_t lut, bool fast, uint32_t (&out)[4]) {
+// address `row`, as 4 half2: codes (0,1), (2,3), (4,5), (6,7), one fp16 LUT lookup per code. Any width
+// up to 8 bits: the stripes that hold a group wider than the pair tables take this path.
+__device__ __forceinline__ void decode_group(uint32_t row, int4 m, uint32_t lut, uint32_t (&out)[4]) {
   const uint32_t a = row + static_cast<uint32_t>(m.x);
   const uint32_t w = a & ~3u;
   const uint32_t sh = (a & 3u) * 8u;
   const uint32_t x0 = lds_u32(w), x1 = lds_u32(w + 4);
   const uint32_t lo = __funnelshift_r(x0, x1, sh);
+  const uint32_t hi = __funnelshift_r(x1, lds_u32(w + 8), sh);
   const uint32_t table = lut + 2u * static_cast<uint32_t>(m.y);
   const uint32_t mask = static_cast<uint32_t>(m.w);
   const int bits = m.z;
-  if (fast) {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint32_t c0 = (lo >> (2 * k * bits)) & mask;
-      const uint32_t c1 = (lo >> ((2 * k + 1) * bits)) & mask;
-      out[k] = lds_u16(table + 2u * c0) | (lds_u16(table + 2u * c1) << 16);
+  for (int k = 0; k < 4; ++k) {
+    uint32_t code[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int s = (2 * k + e) * bits;
+      code[e] = (s < 32 ? __funnelshift_r(lo, hi, s) : hi >> (s - 32)) & mask;
     }
-  } else {
-    const uint32_t hi = __funnelshift_r(x1, lds_u32(w + 8), sh);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      uint32_t code[2];
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int s = (2 * k + e) * bits;
-        code[e] = (s < 32 ? __funnelshift_r(lo, hi, s) : hi >> (s - 32)) & mask;
-      }
-      out[k] = lds_u16(table + 2u * code[0]) | (lds_u16(table + 2u * code[1]) << 16);
-    }
+    out[k] = lds_u16(table + 2u * code[0]) | (lds_u16(table + 2u * code[1]) << 16);
   }
 }
 
@@ -355,8 +346,8 @@ __global__ void __launch_bounds__(kThreads, (D <= 128 && NQT == 1) ? 4 : 2) spli
         decode_pairs(window32(row1 + m.x), m.y, m.w, m.z, k1);
       } else {
         const int4 m = meta_s[4 * p + c];
-        decode_group(row0, m, lut_k, false, k0);
-        decode_group(row1, m, lut_k, false, k1);
+        decode_group(row0, m, lut_k, k0);
+        decode_group(row1, m, lut_k, k1);
       }
       mma16816(sacc[0], wf[p][0][0], wf[p][0][1], wf[p][0][2], wf[p][0][3], k0[0], k0[1]);
       mma16816(sacc[1], wf[p][0][0], wf[p][0][1], wf[p][0][2], wf[p][0][3], k1[0], k1[1]);
@@ -423,8 +414,8 @@ __global__ void __launch_bounds__(kThreads, (D <= 128 && NQT == 1) ? 4 : 2) spli
         decode_pairs(window32(row1 + m.x), m.y, m.w, m.z, v1);
       } else {
         const int4 m = meta_s[G8 + 4 * p + c];
-        decode_group(row0, m, lut_v, false, v0);
-        decode_group(row1, m, lut_v, false, v1);
+        decode_group(row0, m, lut_v, v0);
+        decode_group(row1, m, lut_v, v1);
       }
 #pragma unroll
       for (int kk = 0; kk < 2; ++kk) {
