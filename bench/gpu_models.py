@@ -34,6 +34,8 @@ SHAPES = {
         num_hidden_layers=32, rope_theta=500000.0, max_position_embeddings=40960, rms_norm_eps=1e-5, tie_word_embeddings=False,
     ),
 }
+# Llama-3.1-8B's own context (128k tokens) for long-prompt runs.
+SHAPES["llama8b_128k"] = dict(SHAPES["llama8b"], max_position_embeddings=131072 + 4096)
 
 
 def corpus_file(out: Path) -> Path:
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
     made = {}
     for name in args.shapes:
         t0 = time.time()
-        path = make_model(name, args.out, args.tokenizer, args.layers if name == "llama8b" else None)
+        path = make_model(name, args.out, args.tokenizer, args.layers if name.startswith("llama8b") else None)
         cfg = json.loads((path / "config.json").read_text())
         res = calibrate(CalibrationConfig(model_dir=path, corpus=corpus, tokens=args.tokens, window=512,
                                           max_position=min(cfg["max_position_embeddings"], 32768), overwrite=True))

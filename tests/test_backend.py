@@ -309,3 +309,38 @@ def test_backend_refuses_a_sliding_window_model_with_the_calibration_message(use
         _impl("spectralquant_tq3bit")  # layer 0 of such a model: a sliding one
     assert str(at_serving.value) == str(at_calibration.value)
     assert "sliding-window attention (sliding_window=64 on 5 of 6 layers)" in str(at_serving.value)
+
+
+def test_verify_rows_forward_through_the_decode_path(use_config, tiny_artifact, tiny_calib_model_dir, monkeypatch):
+    """Speculative verify rows (1 + k tokens) count as decodes: one decode-kernel call, one row per token."""
+    from vllm_spectralquant.backend import attention
+    from vllm_spectralquant.backend.attention import SpectralQuantMetadata
+    from vllm_spectralquant.format import paged_attention
+
+    use_config(_fake_config(tiny_calib_model_dir, artifact=str(tiny_artifact.artifact)))
+    impl = _impl()
+    layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
+    codec = impl.layer_codec(layer, torch.device("cpu"))
+    seq_lens, q_lens = [33, 4, 60], [3, 3, 3]
+    batch = random_paged_batch(codec, seq_lens, q_lens, block_size=16, num_query_heads=4, seed=11)
+    t = batch.num_tokens
+    calls = []
+    real = attention.ops.decode_attention
+
+    def recording(query, kv_cache, block_table, seq_lens_, *args, **kw):
+        calls.append(seq_lens_.tolist())
+        return real(query, kv_cache, block_table, seq_lens_, *args, **kw)
+
+    monkeypatch.setattr(attention.ops, "decode_attention", recording)
+    md = SpectralQuantMetadata(
+        num_actual_tokens=t, query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
+        block_table=batch.block_table, slot_mapping=torch.zeros(t, dtype=torch.long), num_decodes=3,
+        num_decode_tokens=t, num_prefills=0, query_start_loc_cpu=batch.query_start_loc, seq_lens_cpu=None,
+    )  # fmt: skip
+    out = torch.full((t, 4, 32), float("nan"))
+    impl.forward(layer, batch.query, torch.zeros(t, 2, 32), torch.zeros(t, 2, 32), batch.kv_cache, md, output=out)
+    assert calls == [[31, 32, 33, 2, 3, 4, 58, 59, 60]]
+    ref = paged_attention(
+        batch.query, batch.kv_cache, batch.block_table, batch.seq_lens, batch.query_start_loc, codec, batch.geometry, 32**-0.5
+    )
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5

@@ -3,10 +3,13 @@
 Per layer and step, vLLM calls ``do_kv_cache_update`` (pack the new tokens into their slots), then
 ``forward``. The batch is reordered decodes first (reorder threshold 1):
 
-* decodes (one query token) attend over the packed cache (``ops.decode_attention``);
+* decodes attend over the packed cache (``ops.decode_attention``). With speculative decoding a
+  decode row holds the draft tokens too (up to ``1 + num_speculative_tokens`` query tokens); each
+  token becomes a one-token decode row (``decode_rows``), so verification runs the same kernel and
+  arithmetic as plain decoding;
 * a first prefill chunk (query length == sequence length) attends over its raw K/V;
-* continuation chunks and prefix-cache hits attend over the dequantised cached context
-  (``ops.gather_context``) plus the chunk's raw K/V.
+* continuation chunks and prefix-cache hits attend over the packed cached context plus the chunk's
+  raw K/V, tile by tile in bounded memory (``prefill.prefill_attention``).
 
 All packed-cache work goes through ``vllm_spectralquant.ops`` (CUDA > Triton > torch).
 """
@@ -32,6 +35,8 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from vllm_spectralquant import ops
 from vllm_spectralquant.backend.config import SpectralQuantConfig, served_model
+from vllm_spectralquant.backend.decode_rows import expand_decode_rows
+from vllm_spectralquant.backend.prefill import prefill_attention
 from vllm_spectralquant.backend.tensor_parallel import check_rank_slice, current_rank
 from vllm_spectralquant.format.params import LayerCodec
 from vllm_spectralquant.format.presets import MAX_HEAD_DIM, MIN_HEAD_DIM, PRESETS, GROUP_SIZE
@@ -113,27 +118,30 @@ class SpectralQuantMetadataBuilder(AttentionMetadataBuilder[SpectralQuantMetadat
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
         # The CUDA kernels are capture-safe (no host sync, fixed grid per batch shape, preallocated
-        # workspace), so uniform single-token decode batches can be captured as FULL graphs. The
-        # Triton and torch paths are not promised to be.
+        # workspace) and multi-token decode rows are expanded with device ops only, so uniform
+        # decode batches (one token, or 1 + k with speculation) can be captured as FULL graphs.
+        # The Triton and torch paths are not promised to be.
         from vllm_spectralquant.ops import cuda_ext
 
         if torch.cuda.is_available() and cuda_ext.is_available():
-            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+            return AttentionCGSupport.UNIFORM_BATCH
         return AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self._init_reorder_batch_threshold(1)
+        # With speculation, verify rows (1 + k tokens) count as decodes: they take the decode kernel.
+        self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
         self.workspace = None
         if torch.device(device).type == "cuda":
             # One decode workspace for every layer (they run one after another), sized for the
-            # largest batch before any CUDA graph is captured, so decode never allocates.
+            # largest batch (in decode rows: one per query token) before any CUDA graph is
+            # captured, so decode never allocates.
             from vllm_spectralquant.ops.workspace import DecodeWorkspace
 
             model = vllm_config.model_config
             self.workspace = DecodeWorkspace.for_shapes(
                 device,
-                vllm_config.scheduler_config.max_num_seqs,
+                vllm_config.scheduler_config.max_num_seqs * self.reorder_batch_threshold,
                 model.get_num_attention_heads(vllm_config.parallel_config),
                 kv_cache_spec.num_kv_heads,
                 kv_cache_spec.head_size,
@@ -141,7 +149,9 @@ class SpectralQuantMetadataBuilder(AttentionMetadataBuilder[SpectralQuantMetadat
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False) -> SpectralQuantMetadata:
         cam = common_attn_metadata
-        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(cam, decode_threshold=1)
+        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
+            cam, decode_threshold=self.reorder_batch_threshold
+        )
         # Prefill rows need their lengths on the host (to pick first chunks and size the gathers).
         seq_lens_cpu = cam.seq_lens.cpu() if num_prefills else None
         return SpectralQuantMetadata(
@@ -246,9 +256,12 @@ class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
         geometry = self._geometry(kv_cache)
         if md.num_decodes:
             nd = md.num_decode_tokens
+            block_table, seq_lens = md.block_table, md.seq_lens[: md.num_decodes]
+            if nd > md.num_decodes:  # speculative verify rows: one decode row per query token
+                rows = expand_decode_rows(md.query_start_loc, md.seq_lens, md.block_table, md.num_decodes, nd)
+                block_table, seq_lens = rows.block_table, rows.seq_lens
             ops.decode_attention(
-                query[:nd], kv_cache, md.block_table, md.seq_lens[: md.num_decodes], codec, geometry, self.scale, output[:nd],
-                workspace=md.workspace,
+                query[:nd], kv_cache, block_table, seq_lens, codec, geometry, self.scale, output[:nd], workspace=md.workspace
             )
         if md.num_prefills:
             self._prefills(query, key, value, kv_cache, md, codec, geometry, output)
@@ -263,32 +276,20 @@ class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
             k_new, v_new = key[start:end], value[start:end]
             cached = seq_len - q_len
             if cached > 0:  # continuation chunk or prefix-cache hit: cached context is packed
-                k_ctx, v_ctx = ops.gather_context(
-                    kv_cache, md.block_table[r : r + 1], md.seq_lens.new_tensor([cached]), codec, geometry
+                o = prefill_attention(
+                    query[start:end], k_new, v_new, kv_cache, md.block_table[r], cached, codec, geometry, self.scale
                 )
-                k_all = torch.cat([k_ctx[0].to(k_new.dtype), k_new])
-                v_all = torch.cat([v_ctx[0].to(v_new.dtype), v_new])
             else:
-                k_all, v_all = k_new, v_new
-            output[start:end] = causal_attention(query[start:end], k_all, v_all, self.scale, cached).to(output.dtype)
+                o = causal_attention(query[start:end], k_new, v_new, self.scale)
+            output[start:end] = o.to(output.dtype)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, offset: int) -> torch.Tensor:
-    """q [n, Hq, D] at positions offset..offset+n-1 over k, v [offset+n, H, D] (GQA), causal.
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """A first prefill chunk: q [n, Hq, D] over its own raw k, v [n, H, D] (GQA), causal.
 
-    4-D contiguous inputs and a bottom-right causal bias (never a materialised mask) keep torch on
-    its flash / memory-efficient kernels: O(n) memory, as vLLM's memory profiling assumes.
+    4-D inputs, ``is_causal`` (never a materialised mask) and native GQA keep torch on its flash /
+    memory-efficient kernels: O(n) memory, as vLLM's memory profiling assumes.
     """
-    from torch.nn.attention.bias import causal_lower_right
-
-    n, hq, _ = q.shape
-    g = hq // k.shape[1]
-    qh = q.transpose(0, 1).unsqueeze(0).contiguous()
-    kh = k.repeat_interleave(g, dim=1).transpose(0, 1).unsqueeze(0).contiguous()
-    vh = v.repeat_interleave(g, dim=1).transpose(0, 1).unsqueeze(0).contiguous()
-    if offset == 0:
-        o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
-    else:
-        bias = causal_lower_right(n, k.shape[0])
-        o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, scale=scale)
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
     return o[0].transpose(0, 1)
