@@ -55,12 +55,13 @@ class MemoryPoll:
         self.peak = max(self.peak, gpu_used_mib())
 
 
-def one_config(model: Path, kv: str, prompt: list[int], kv_bytes: int, chunk: int, max_len: int, output_tokens: int) -> dict:
+def one_config(model: Path, kv: str, prompt: list[int], kv_bytes: int, chunk: int, max_len: int, output_tokens: int,
+               log_dir: Path) -> dict:
     extra = GRAPHS + ["--kv-cache-memory-bytes", str(kv_bytes)]
     opts = ServerOptions(model, kv, dtype="bfloat16", max_model_len=max_len, max_num_batched_tokens=chunk, max_num_seqs=4,
                          enforce_eager=False, enable_prefix_caching=False, extra_args=extra)  # fmt: skip
     row: dict = {"kv_cache_dtype": kv}
-    srv = VllmServer(opts, startup_timeout=900)
+    srv = VllmServer(opts, startup_timeout=900, log_path=log_dir / f"serve-long-{kv}.log")
     try:
         with srv:
             row["kv_capacity_tokens"] = srv.kv_capacity_tokens()
@@ -102,7 +103,8 @@ def main(argv=None) -> int:
     # Deterministic ids away from special tokens; no repeats that prefix caching could share.
     prompt = [(1000 + 7919 * j) % (vocab - 2000) + 1000 for j in range(args.prompt_tokens)]
     max_len = args.prompt_tokens + args.output_tokens + 16
-    rows = [one_config(args.model, kv, prompt, args.kv_cache_bytes, args.chunk, max_len, args.output_tokens) for kv in args.configs]
+    rows = [one_config(args.model, kv, prompt, args.kv_cache_bytes, args.chunk, max_len, args.output_tokens, args.out.parent)
+            for kv in args.configs]
     args.out.write_text(json.dumps({"model": str(args.model), "prompt_tokens": args.prompt_tokens, "chunk": args.chunk,
                                     "kv_cache_bytes": args.kv_cache_bytes, "rows": rows}, indent=1))  # fmt: skip
     return 0 if all(r.get("ok") for r in rows) else 1

@@ -23,17 +23,20 @@ from vllm_spectralquant.evaluation.speculation import acceptance, first_differen
 from vllm_spectralquant.serving import ServerOptions, VllmServer
 
 
-def run(model: Path, kv: str, prompts, tokens: int, spec: dict | None) -> dict:
+def run(model: Path, kv: str, prompts, tokens: int, spec: dict | None, log_dir: Path) -> dict:
     extra = list(GRAPHS) + (["--speculative-config", json.dumps(spec)] if spec else [])
     opts = ServerOptions(model, kv, dtype="bfloat16", max_model_len=2048, max_num_batched_tokens=512, max_num_seqs=8,
                          enforce_eager=False, extra_args=extra)  # fmt: skip
-    with VllmServer(opts, startup_timeout=900) as srv:
+    log = log_dir / f"serve-{kv}-{'spec' if spec else 'plain'}.log"
+    print(f"starting {kv} {'with' if spec else 'without'} speculation (log {log})", flush=True)
+    with VllmServer(opts, startup_timeout=900, log_path=log) as srv:
         client = srv.client()
         greedy_token_ids(client, prompts[0], 4)  # warm-up
         t = time.perf_counter()
         outs = [greedy_token_ids(client, p, tokens) for p in prompts]
         wall = time.perf_counter() - t
         drafts, accepted = acceptance(srv)
+        print(f"  {len(prompts)} requests in {wall:.1f}s, drafts {drafts:.0f}, accepted {accepted:.0f}", flush=True)
         return {"outputs": outs, "drafts": drafts, "accepted": accepted, "cudagraph_mode": cudagraph_mode(srv.log()),
                 "s_per_request": round(wall / len(prompts), 3)}  # fmt: skip
 
@@ -56,8 +59,8 @@ def main(argv=None) -> int:
     spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
     rows = []
     for kv in args.configs:
-        plain = run(args.model, kv, prompts, args.tokens, None)
-        spec_run = run(args.model, kv, prompts, args.tokens, spec)
+        plain = run(args.model, kv, prompts, args.tokens, None, args.out.parent)
+        spec_run = run(args.model, kv, prompts, args.tokens, spec, args.out.parent)
         diffs = [first_difference(a, b) for a, b in zip(plain["outputs"], spec_run["outputs"])]
         row = {
             "kv_cache_dtype": kv, "prompts": len(prompts), "tokens": args.tokens, "k": args.k,

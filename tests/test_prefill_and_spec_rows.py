@@ -62,14 +62,20 @@ def test_tiled_prefill_matches_the_dense_reference(monkeypatch, preset, head_dim
         head_dim**-0.5, window=window, budget=budget,
     )  # fmt: skip
     k_ctx, v_ctx = gather_context(batch.kv_cache, batch.block_table, batch.seq_lens.new_tensor([cached]), codec, batch.geometry)
-    k = torch.cat([k_ctx[0], k_new.float()])
-    v = torch.cat([v_ctx[0], v_new.float()])
+    k_ctx, v_ctx = k_ctx[0], v_ctx[0]
+    # Each tile's first sink_tokens tokens come from its first block's exact (bf16) copy.
+    first_needed = 0 if window is None else max(cached - window + 1, 0)
+    for k0 in range((first_needed // block) * block, cached, 2 * block):
+        exact = slice(k0, min(k0 + sink, cached))
+        k_ctx[exact] = batch.keys[0][exact].to(torch.bfloat16).float()
+        v_ctx[exact] = batch.values[0][exact].to(torch.bfloat16).float()
+    k = torch.cat([k_ctx, k_new.float()])
+    v = torch.cat([v_ctx, v_new.float()])
     ref = _windowed_reference(batch.query, k, v, head_dim**-0.5, window)
     err = ((got - ref).norm() / ref.norm()).item()
     assert err < 1e-5, f"seed {seed}: rel err {err}"
     # Bounded memory: no gather is longer than a tile, and together they cover only what is needed.
     assert max(tiles) <= 2 * block, tiles
-    first_needed = 0 if window is None else max(cached - window + 1, 0)
     assert sum(tiles) == cached - (first_needed // block) * block, (tiles, seed)
 
 

@@ -10,13 +10,14 @@ an online softmax (running max and sum, as flash attention does), so the scratch
 ``SCORE_BUDGET_BYTES`` whatever the context length. GQA folds the query group into the query axis
 instead of repeating K/V.
 
-Numbers: scores and accumulation in float32; the packed context is dequantised exactly as
-``ops.gather_context`` does (sinks exact in the sequence's first block only).
+Numbers: scores and accumulation in float32; each tile is dequantised by ``ops.gather_context``.
+Every block's spill holds its own first ``sink_tokens`` tokens exactly (docs/FORMAT.md), and a
+gather reads the first block it is given that way, so the first ``sink_tokens`` tokens of every tile
+come from that exact (bf16) copy instead of their codes: a few more exact tokens than a one-piece
+gather (1 in ``KEY_TILE_TOKENS`` per sink token), never fewer.
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import torch
 
@@ -69,13 +70,12 @@ def prefill_attention(
     qpos = torch.arange(cached, cached + n, device=query.device)
     state = _OnlineSoftmax(h, g, n, d, query.device)
     lo = 0 if window is None else max(cached - window + 1, 0)  # the first key any query sees
-    codes_only = replace(geometry, sink_tokens=0)  # tiles after the first block: no sink lookup
     # Packed context, in whole blocks from the one holding position lo: each tile dequantised once.
     for k0 in range((lo // bs) * bs, cached, tile):
         k1 = min(k0 + tile, cached)
         b0 = k0 // bs
         blocks = block_row[b0 : -(-k1 // bs)].unsqueeze(0).contiguous()
-        kc, vc = ops.gather_context(kv_cache, blocks, blocks.new_tensor([k1 - k0]), codec, geometry if b0 == 0 else codes_only)
+        kc, vc = ops.gather_context(kv_cache, blocks, blocks.new_tensor([k1 - k0]), codec, geometry)
         if window is None and fused_tiles(query):  # every query sees the whole tile: no mask
             o, lse = _fused_tile(qg, kc[0].to(query.dtype), vc[0].to(query.dtype), scale)
             state.add_partial(o, lse)
@@ -118,7 +118,8 @@ def _fused_tile(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     out = torch.ops.aten._scaled_dot_product_flash_attention(
         q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), 0.0, False, False, scale=scale
     )
-    return out[0][0].float(), out[1][0]
+    rows = qg.shape[1]
+    return out[0][0].float(), out[1][0][:, :rows]
 
 
 def _mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None, causal: bool) -> torch.Tensor | None:
