@@ -3,7 +3,8 @@
 Per layer and step, vLLM calls ``do_kv_cache_update`` (pack the new tokens into their slots), then
 ``forward``. The batch is reordered decodes first (reorder threshold 1):
 
-* decodes (one query token) attend over the packed cache (``ops.decode_attention``);
+* decodes (one query token) attend over the packed cache (``ops.decode_attention``; sliding-window
+  layers over their last ``sliding_window`` tokens only, since vLLM frees the blocks before it);
 * a first prefill chunk (query length == sequence length) attends over its raw K/V;
 * continuation chunks and prefix-cache hits attend over the dequantised cached context
   (``ops.gather_context``) plus the chunk's raw K/V.
@@ -80,6 +81,10 @@ class SpectralQuantBackend(AttentionBackend):
         return (KVCacheLayout.LBHNC, KVCacheLayout.LBNHC)
 
     @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True  # the window is applied in attention; the layer's cache stays packed
+
+    @classmethod
     def supports_kv_connector(cls) -> bool:
         return False  # the packed layout is not what KV connectors (LMCache, NIXL) expect
 
@@ -117,6 +122,8 @@ class SpectralQuantMetadataBuilder(AttentionMetadataBuilder[SpectralQuantMetadat
         # Triton and torch paths are not promised to be.
         from vllm_spectralquant.ops import cuda_ext
 
+        if getattr(kv_cache_spec, "sliding_window", None) is not None:
+            return AttentionCGSupport.NEVER  # windowed decode runs on Triton (no window in the CUDA kernel)
         if torch.cuda.is_available() and cuda_ext.is_available():
             return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
         return AttentionCGSupport.NEVER
@@ -184,7 +191,6 @@ class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
                 raise NotImplementedError(refusal)
         unsupported = {
             "ALiBi": alibi_slopes is not None,
-            "sliding-window attention": sliding_window is not None,
             "logits soft-capping": logits_soft_cap not in (None, 0),
             f"{getattr(attn_type, 'value', attn_type)} attention (only decoder self-attention)": attn_type != AttentionType.DECODER,
             "KV sharing between layers": kv_sharing_target_layer_name is not None,
@@ -205,6 +211,8 @@ class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
+        # vLLM's convention: the query at position p attends p - sliding_window + 1 .. p (None: all of them).
+        self.sliding_window = sliding_window
         self.config = SpectralQuantConfig.from_vllm_config(vllm_config, head_size, kv_cache_dtype)
         artifact = self.config.load_artifact()  # verified at startup: a bad artifact fails here, naming the cause
         total_kv_heads = served_model(vllm_config.model_config).shape.num_kv_heads
@@ -248,7 +256,7 @@ class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
             nd = md.num_decode_tokens
             ops.decode_attention(
                 query[:nd], kv_cache, md.block_table, md.seq_lens[: md.num_decodes], codec, geometry, self.scale, output[:nd],
-                workspace=md.workspace,
+                workspace=md.workspace, window=self.sliding_window,
             )
         if md.num_prefills:
             self._prefills(query, key, value, kv_cache, md, codec, geometry, output)
@@ -270,23 +278,38 @@ class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
                 v_all = torch.cat([v_ctx[0].to(v_new.dtype), v_new])
             else:
                 k_all, v_all = k_new, v_new
-            output[start:end] = causal_attention(query[start:end], k_all, v_all, self.scale, cached).to(output.dtype)
+            output[start:end] = causal_attention(
+                query[start:end], k_all, v_all, self.scale, cached, self.sliding_window
+            ).to(output.dtype)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, offset: int) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, offset: int, window: int | None = None
+) -> torch.Tensor:
     """q [n, Hq, D] at positions offset..offset+n-1 over k, v [offset+n, H, D] (GQA), causal.
 
     4-D contiguous inputs and a bottom-right causal bias (never a materialised mask) keep torch on
     its flash / memory-efficient kernels: O(n) memory, as vLLM's memory profiling assumes.
+    ``window``: the query at position p sees only p - window + 1 .. p. Keys before the first query's
+    window are dropped unread (vLLM may have freed their blocks: whatever was gathered there is
+    garbage), the rest goes through a materialised [n, L] band mask: O(n L) memory, a fallback.
     """
     from torch.nn.attention.bias import causal_lower_right
 
+    if window is not None:
+        first = max(0, offset - window + 1)
+        k, v, offset = k[first:], v[first:], offset - first
     n, hq, _ = q.shape
     g = hq // k.shape[1]
     qh = q.transpose(0, 1).unsqueeze(0).contiguous()
     kh = k.repeat_interleave(g, dim=1).transpose(0, 1).unsqueeze(0).contiguous()
     vh = v.repeat_interleave(g, dim=1).transpose(0, 1).unsqueeze(0).contiguous()
-    if offset == 0:
+    if window is not None and offset + n > window:
+        q_pos = torch.arange(offset, offset + n, device=q.device)[:, None]
+        k_pos = torch.arange(k.shape[0], device=q.device)[None, :]
+        band = (k_pos <= q_pos) & (k_pos > q_pos - window)
+        o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=band, scale=scale)
+    elif offset == 0:
         o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
     else:
         bias = causal_lower_right(n, k.shape[0])
