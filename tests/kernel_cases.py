@@ -113,23 +113,25 @@ def check_kernels_against_reference(mod, case, layout: str, device: torch.device
         assert rel < GATHER_TOL, f"{msg}: gather {what} relative error {rel:.2e}"
 
 
-#: (case index into CASES, sliding window): windows shorter than some rows (whose first blocks then point
-#: at a poisoned block, as vLLM's null block once the window passed them), a window of one token, and one
-#: longer than every row.
-WINDOW_CASES = [(0, 20), (2, 33), (7, 50), (8, 1), (3, 1000)]
+#: (a CASES entry, sliding window): windows shorter than some rows (whose first blocks then point at a
+#: poisoned block, as vLLM's null block once the window passed them), a window of one token, one longer
+#: than every row, and one long enough for several KV splits (>= 256 tokens each) that start mid-context.
+WINDOW_CASES = [
+    (CASES[0], 20), (CASES[2], 33), (CASES[7], 50), (CASES[8], 1), (CASES[3], 1000),
+    (("sq3bit", 64, 1, 2, 32, 1, [700, 5]), 600),
+]  # fmt: skip
 
 
 def window_case_id(window_case) -> str:
-    index, window = window_case
-    return f"{case_id(CASES[index])}-w{window}"
+    case, window = window_case
+    return f"{case_id(case)}-w{window}"
 
 
 def check_windowed_decode_against_reference(mod, window_case, layout: str, device: torch.device) -> None:
     """Windowed ``decode_attention`` of ``mod`` vs the windowed reference, with the blocks wholly before each
     row's window replaced by one block of 0xFF bytes (NaN in every fp16/bf16 field): a kernel that reads
     them, or a sink outside the window, returns NaN or a wrong result."""
-    index, window = window_case
-    name, d, h, g, bs, sink, lens = CASES[index]
+    (name, d, h, g, bs, sink, lens), window = window_case
     seed = fresh_seed()
     codec = case_codec(name, d, h, seed)
     batch = random_paged_batch(
