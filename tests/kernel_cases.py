@@ -111,3 +111,52 @@ def check_kernels_against_reference(mod, case, layout: str, device: torch.device
         assert got_.shape == want.shape
         rel = ((got_ - want).norm() / want.norm()).item()
         assert rel < GATHER_TOL, f"{msg}: gather {what} relative error {rel:.2e}"
+
+
+#: (a CASES entry, sliding window): windows shorter than some rows (whose first blocks then point at a
+#: poisoned block, as vLLM's null block once the window passed them), a window of one token, one longer
+#: than every row, and one long enough for several KV splits (>= 256 tokens each) that start mid-context.
+WINDOW_CASES = [
+    (CASES[0], 20), (CASES[2], 33), (CASES[7], 50), (CASES[8], 1), (CASES[3], 1000),
+    (("sq3bit", 64, 1, 2, 32, 1, [700, 5]), 600),
+]  # fmt: skip
+
+
+def window_case_id(window_case) -> str:
+    case, window = window_case
+    return f"{case_id(case)}-w{window}"
+
+
+def check_windowed_decode_against_reference(mod, window_case, layout: str, device: torch.device) -> None:
+    """Windowed ``decode_attention`` of ``mod`` vs the windowed reference, with the blocks wholly before each
+    row's window replaced by one block of 0xFF bytes (NaN in every fp16/bf16 field): a kernel that reads
+    them, or a sink outside the window, returns NaN or a wrong result."""
+    (name, d, h, g, bs, sink, lens), window = window_case
+    seed = fresh_seed()
+    codec = case_codec(name, d, h, seed)
+    batch = random_paged_batch(
+        codec, lens, [1] * len(lens), block_size=bs, num_query_heads=h * g, sink_tokens=sink, padding_tokens=2,
+        seed=seed, device=device,
+    )  # fmt: skip
+    codec = codec.to(device)
+    geo = batch.geometry
+    scale = d**-0.5
+    ref = paged_attention(
+        batch.query, batch.kv_cache, batch.block_table, batch.seq_lens, batch.query_start_loc, codec, geo, scale,
+        window=window,
+    )  # fmt: skip
+    poison = torch.full_like(batch.kv_cache[:1], 0xFF)
+    cache = torch.cat([batch.kv_cache, poison])
+    cache = cache if layout == "contiguous" else token_major(cache)
+    table = batch.block_table.clone()
+    for b, n in enumerate(lens):
+        table[b, : max(n - window, 0) // bs] = cache.shape[0] - 1  # blocks wholly before the window
+    msg = f"seed {seed}, window {window}"
+    b = len(lens)
+    out = torch.full((b + 2, h * g, d), float("nan"), device=device)
+    mod.decode_attention(batch.query, cache, table, batch.seq_lens, codec, geo, scale, out, window=window)
+    got = out[:b]
+    assert torch.isfinite(got).all(), f"{msg}: a token before the window was read"
+    rel = ((got - ref[:b]).norm() / ref[:b].norm()).item()
+    assert rel < DECODE_TOL, f"{msg}: windowed decode relative error {rel:.2e}"
+    assert torch.isnan(out[b:]).all(), f"{msg}: rows past the batch were written"

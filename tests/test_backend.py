@@ -42,10 +42,10 @@ def use_config(monkeypatch):
     return use
 
 
-def _impl(dtype="spectralquant_sq3bit", heads=4, kv_heads=2, head_dim=32, **kw):
+def _impl(dtype="spectralquant_sq3bit", heads=4, kv_heads=2, head_dim=32, sliding_window=None, **kw):
     from vllm_spectralquant.backend.attention import SpectralQuantImpl
 
-    return SpectralQuantImpl(heads, head_dim, head_dim**-0.5, kv_heads, None, None, dtype, None, **kw)
+    return SpectralQuantImpl(heads, head_dim, head_dim**-0.5, kv_heads, None, sliding_window, dtype, None, **kw)
 
 
 def test_mixed_batch_forward_matches_the_reference(use_config, tiny_artifact, tiny_calib_model_dir):
@@ -96,6 +96,54 @@ def test_mixed_batch_forward_matches_the_reference(use_config, tiny_artifact, ti
         got = out[qsl[r] : qsl[r + 1]]
         assert ((got - ref).norm() / ref.norm()).item() < 1e-5, r
     assert torch.isnan(out[t:]).all()  # padding rows untouched
+
+
+def test_sliding_window_forward_reads_only_the_window(use_config, tiny_artifact, tiny_calib_model_dir):
+    """A sliding-window layer: decodes and prefills attend their last ``window`` positions only, and the blocks
+    vLLM freed before the window (here: pointing at a block of 0xFF bytes, NaN in every field) are never used."""
+    from vllm_spectralquant.backend.attention import SpectralQuantMetadata
+
+    use_config(_fake_config(tiny_calib_model_dir, artifact=str(tiny_artifact.artifact)))
+    window = 8
+    impl = _impl(sliding_window=window)
+    assert impl.sliding_window == window
+    layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
+    codec = impl.layer_codec(layer, torch.device("cpu"))
+    # 2 decodes (40 and 3 tokens of context), a first chunk of 20 (longer than the window), a continuation of 5 over 30.
+    seq_lens, q_lens = [40, 3, 20, 30], [1, 1, 20, 5]
+    batch = random_paged_batch(codec, seq_lens, q_lens, block_size=4, num_query_heads=4, padding_tokens=3, seed=9)
+    t = batch.num_tokens
+    key, value = torch.randn(t + 3, 2, 32), torch.randn(t + 3, 2, 32)
+    qsl = batch.query_start_loc.tolist()
+    for r, (n, q) in enumerate(zip(seq_lens, q_lens)):
+        key[qsl[r] : qsl[r + 1]] = batch.keys[r][n - q :]
+        value[qsl[r] : qsl[r + 1]] = batch.values[r][n - q :]
+    cache = torch.cat([batch.kv_cache, torch.full_like(batch.kv_cache[:1], 0xFF)])
+    table = batch.block_table.clone()
+    for r, (n, q) in enumerate(zip(seq_lens, q_lens)):
+        first_needed = max(n - q - window + 1, 0)  # vLLM frees the blocks wholly before the first query's window
+        table[r, : first_needed // 4] = cache.shape[0] - 1
+    md = SpectralQuantMetadata(
+        num_actual_tokens=t, query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens, block_table=table,
+        slot_mapping=torch.zeros(t, dtype=torch.long), num_decodes=2, num_decode_tokens=2, num_prefills=2,
+        query_start_loc_cpu=batch.query_start_loc, seq_lens_cpu=batch.seq_lens,
+    )  # fmt: skip
+    out = torch.full((t + 3, 4, 32), float("nan"))
+    impl.forward(layer, batch.query, key, value, cache, md, output=out)
+    scale = 32**-0.5
+    k_ctx, v_ctx = gather_context(batch.kv_cache, batch.block_table, batch.seq_lens, codec, batch.geometry)
+    for r, (n, q) in enumerate(zip(seq_lens, q_lens)):
+        qr = batch.query[qsl[r] : qsl[r + 1]]
+        if r < 2:
+            k, v = k_ctx[r, :n], v_ctx[r, :n]
+        else:  # prefills: packed cached context + the chunk's raw K/V
+            k = torch.cat([k_ctx[r, : n - q], batch.keys[r][n - q :]])
+            v = torch.cat([v_ctx[r, : n - q], batch.values[r][n - q :]])
+        ref = dense_causal_attention(qr, k, v, scale, window=window)
+        got = out[qsl[r] : qsl[r + 1]]
+        assert torch.isfinite(got).all(), f"row {r} used a token before its window"
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-5, r
+    assert torch.isnan(out[t:]).all()
 
 
 def test_profiling_run_without_metadata_writes_zeros(use_config, tiny_calib_model_dir):
@@ -181,8 +229,8 @@ def test_unsupported_attention_is_refused(use_config, tiny_calib_model_dir):
         _impl("spectralquant_tq3bit", head_dim=20)
     from vllm_spectralquant.backend.attention import SpectralQuantImpl
 
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        SpectralQuantImpl(4, 32, 0.1, 2, None, 64, "spectralquant_tq3bit")
+    with pytest.raises(NotImplementedError, match="logits soft-capping"):
+        SpectralQuantImpl(4, 32, 0.1, 2, None, 64, "spectralquant_tq3bit", 50.0)
     with pytest.raises(NotImplementedError, match="encoder"):
         SpectralQuantImpl(4, 32, 0.1, 2, None, None, "spectralquant_tq3bit", None, AttentionType.ENCODER)
     with pytest.raises(ValueError, match="serves kv-cache dtypes"):
@@ -292,8 +340,8 @@ def test_per_layer_codecs_live_on_the_impl(use_config, tiny_artifact, tiny_calib
     assert impls[0].config is impls[1].config  # one configuration, one loaded artifact
 
 
-def test_backend_refuses_a_sliding_window_model_with_the_calibration_message(use_config, tmp_path, text_corpus):
-    """A Gemma3-like model (5 of 6 layers slide): the server's refusal is word for word calibration's."""
+def test_backend_refuses_a_soft_capped_model_with_the_calibration_message(use_config, tmp_path, text_corpus):
+    """A Gemma3-like model with soft-capped scores: the server's refusal is word for word calibration's."""
     from transformers import Gemma3TextConfig
 
     from vllm_spectralquant.calibrate.job import CalibrationConfig, calibrate
@@ -301,14 +349,15 @@ def test_backend_refuses_a_sliding_window_model_with_the_calibration_message(use
 
     model = tmp_path / "gemma3-like"
     Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                     num_hidden_layers=6, vocab_size=256, max_position_embeddings=1024, sliding_window=64).save_pretrained(model)
+                     num_hidden_layers=6, vocab_size=256, max_position_embeddings=1024, sliding_window=64,
+                     attn_logit_softcapping=50.0).save_pretrained(model)
     with pytest.raises(ModelError) as at_calibration:
         calibrate(CalibrationConfig(model_dir=model, corpus=text_corpus, tokens=256, window=128))
     use_config(_fake_config(model))
     with pytest.raises(NotImplementedError) as at_serving:
-        _impl("spectralquant_tq3bit")  # layer 0 of such a model: a sliding one
+        _impl("spectralquant_tq3bit", sliding_window=64)  # layer 0 of such a model: a sliding one
     assert str(at_serving.value) == str(at_calibration.value)
-    assert "sliding-window attention (sliding_window=64 on 5 of 6 layers)" in str(at_serving.value)
+    assert str(at_serving.value) == "SpectralQuant KV cache does not support logits soft-capping (attn_logit_softcapping=50.0)"
 
 
 def test_verify_rows_forward_through_the_decode_path(use_config, tiny_artifact, tiny_calib_model_dir, monkeypatch):

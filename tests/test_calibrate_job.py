@@ -100,13 +100,11 @@ def test_bad_options(tmp_path, tiny_calib_model_dir, text_corpus):
 def test_unsupported_models_are_named(tmp_path, tiny_calib_model_dir, text_corpus):
     import shutil
 
-    for key, value, msg in (("kv_lora_rank", 64, "MLA"), ("sliding_window", 64, "sliding-window")):
+    for key, value, msg in (("kv_lora_rank", 64, "MLA"), ("attn_logit_softcapping", 50.0, "logits soft-capping")):
         model = tmp_path / key
         shutil.copytree(tiny_calib_model_dir, model)
         cfg = json.loads((model / "config.json").read_text())
         cfg[key] = value
-        if key == "sliding_window":
-            cfg["layer_types"] = ["sliding_attention"] * cfg["num_hidden_layers"]
         (model / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(ModelError, match=msg):
             calibrate(CalibrationConfig(model_dir=model, corpus=text_corpus, tokens=256, window=128))

@@ -124,3 +124,26 @@ def test_property_store_writes_exactly_the_given_slots(name, block_size, sink_to
     untouched = ~written[:, None, :].expand(num_blocks, 2, block_size)
     # Slot bytes of unwritten entries are unchanged (spill bytes may change: blocks' offsets < sinks).
     assert torch.equal(cache[..., : geo.slot_bytes][untouched], before[..., : geo.slot_bytes][untouched])
+
+
+@pytest.mark.parametrize("window", [1, 7, 30, 1000])
+def test_windowed_batch_matches_dense(window):
+    """With a sliding window every query attends only its last ``window`` positions (itself included)."""
+    codec = random_codec(PRESETS["sq3bit"], 64, 3, seed=5)
+    batch = random_paged_batch(
+        codec, seq_lens=[1, 17, 40, 5, 33, 70], query_lens=[1, 1, 1, 5, 12, 70], num_query_heads=9, padding_tokens=4,
+        sink_tokens=2, seed=13,
+    )  # fmt: skip
+    d = codec.head_dim
+    out = torch.full(batch.query.shape, float("nan"))
+    paged_attention(
+        batch.query, batch.kv_cache, batch.block_table, batch.seq_lens, batch.query_start_loc, codec, batch.geometry,
+        out=out, window=window,
+    )  # fmt: skip
+    qsl = batch.query_start_loc.tolist()
+    for b, n in enumerate(batch.seq_lens.tolist()):
+        k, v = decode_context(batch.kv_cache, batch.block_table[b], n, codec, batch.geometry)
+        ref = dense_causal_attention(batch.query[qsl[b] : qsl[b + 1]], k, v, d**-0.5, window=window)
+        rel = ((out[qsl[b] : qsl[b + 1]] - ref).norm() / ref.norm()).item()
+        assert rel < 1e-5, f"sequence {b}: relative error {rel:.2e}"
+    assert torch.isnan(out[batch.num_tokens :]).all()

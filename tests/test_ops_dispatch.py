@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_cases import WINDOW_CASES, check_windowed_decode_against_reference, window_case_id
 
 from vllm_spectralquant import ops
 from vllm_spectralquant.format import PRESETS, paged_attention
@@ -128,3 +129,17 @@ def test_decode_takes_the_first_implementation_that_covers_the_shape(monkeypatch
     monkeypatch.setattr(ops.get_impl("triton"), "decode_supported", lambda *a: False)
     assert dispatch.impl_for(torch.device("cpu"), (codec, geo, 2)).NAME == "torch"
     assert dispatch.impl_for(torch.device("cpu")).NAME == "triton"  # store/gather: every shape
+
+
+@pytest.mark.parametrize("window_case", WINDOW_CASES, ids=window_case_id)
+def test_torch_reference_windowed_decode_never_uses_tokens_before_the_window(window_case):
+    check_windowed_decode_against_reference(ops.get_impl("torch"), window_case, "contiguous", torch.device("cpu"))
+
+
+def test_windowed_decode_never_takes_the_cuda_kernel():
+    """The CUDA decode has no window: it declines windowed calls, and dispatch falls back to Triton there."""
+    codec = random_codec(PRESETS["sq3bit"], 64, 1, seed=4)
+    geo = random_paged_batch(codec, [3], [1], num_query_heads=4, seed=4).geometry
+    assert not cuda_ext.decode_supported(codec, geo, 4, window=512)
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        cuda_ext.decode_attention(None, None, None, torch.zeros(1), codec, geo, 1.0, None, window=512)

@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernel_cases import CASES, case_id, check_kernels_against_reference, fresh_seed
+from kernel_cases import (
+    CASES,
+    WINDOW_CASES,
+    case_id,
+    check_kernels_against_reference,
+    check_windowed_decode_against_reference,
+    fresh_seed,
+    window_case_id,
+)
 
 from vllm_spectralquant.format import PRESETS, CacheGeometry, paged_attention
 from vllm_spectralquant.format.paged import store_kv as reference_store
@@ -50,6 +58,15 @@ def test_triton_matches_reference(case, layout):
     from vllm_spectralquant.ops import triton_kernels
 
     check_kernels_against_reference(triton_kernels, case, layout, torch.device("cpu"))
+
+
+@interpreted
+@pytest.mark.parametrize("window_case", WINDOW_CASES, ids=window_case_id)
+@pytest.mark.parametrize("layout", ["contiguous", "token_major"])
+def test_triton_windowed_decode_matches_reference(window_case, layout):
+    from vllm_spectralquant.ops import triton_kernels
+
+    check_windowed_decode_against_reference(triton_kernels, window_case, layout, torch.device("cpu"))
 
 
 @interpreted

@@ -27,13 +27,13 @@ def test_every_package_error_derives_from_spectralquant_error():
 # ---- ModelShape: the one reader of model shapes ----
 
 
-def _gemma3_like_dir(tmp_path):
+def _gemma3_like_dir(tmp_path, **overrides):
     """A small Gemma3-like text model folder: 5 of 6 layers use a 64-token sliding window."""
     from transformers import Gemma3TextConfig
 
     config = Gemma3TextConfig(
         hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        num_hidden_layers=6, vocab_size=256, max_position_embeddings=1024, sliding_window=64,
+        num_hidden_layers=6, vocab_size=256, max_position_embeddings=1024, sliding_window=64, **overrides,
     )
     path = tmp_path / "gemma3-like"
     config.save_pretrained(path)
@@ -58,8 +58,11 @@ def test_model_shape_from_configs(tmp_path):
     assert mistral.layer_types == ("sliding_attention",) * 2 and mistral.layer_sliding_window(1) == 4096
     gemma = ModelShape.from_model_dir(_gemma3_like_dir(tmp_path))
     assert gemma.layer_types.count("sliding_attention") == 5 and gemma.layer_sliding_window(5) is None
-    assert gemma.serving_refusal() == (
-        "SpectralQuant KV cache does not support sliding-window attention (sliding_window=64 on 5 of 6 layers)"
+    assert gemma.serving_refusal() is None  # sliding-window layers are served over the packed cache
+    assert gemma.softmax_scale == gemma.query_pre_attn_scalar**-0.5
+    capped = ModelShape.from_model_dir(_gemma3_like_dir(tmp_path / "capped", attn_logit_softcapping=50.0))
+    assert capped.serving_refusal() == (
+        "SpectralQuant KV cache does not support logits soft-capping (attn_logit_softcapping=50.0)"
     )
     from vllm_spectralquant.models.errors import ModelError
 
@@ -68,18 +71,18 @@ def test_model_shape_from_configs(tmp_path):
 
 
 def test_calibrate_refuses_a_model_the_backend_cannot_serve_before_loading_it(tmp_path, monkeypatch, text_corpus):
-    """Mixed sliding-window layers calibrate fine but cannot be served: refused up front, with the backend's words."""
+    """Soft-capped attention calibrates fine but cannot be served: refused up front, with the backend's words."""
     import vllm_spectralquant.models.capture as capture
     from vllm_spectralquant.calibrate.job import CalibrationConfig, calibrate
     from vllm_spectralquant.models.errors import ModelError
     from vllm_spectralquant.models.shape import ModelShape
 
-    model = _gemma3_like_dir(tmp_path)
+    model = _gemma3_like_dir(tmp_path, attn_logit_softcapping=50.0)
     monkeypatch.setattr(capture, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
     with pytest.raises(ModelError) as err:
         calibrate(CalibrationConfig(model_dir=model, corpus=text_corpus, tokens=256, window=128))
     assert str(err.value) == ModelShape.from_model_dir(model).serving_refusal()
-    assert "sliding-window attention" in str(err.value)
+    assert "logits soft-capping" in str(err.value)
     assert not (model / "spectralquant").exists()
 
 

@@ -28,7 +28,12 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def _cmd_example_model(args: argparse.Namespace) -> int:
     from vllm_spectralquant.models.example_model import default_example_model_dir, write_example_model
 
-    out = write_example_model(args.dir or default_example_model_dir(), overwrite=args.overwrite)
+    if args.model == "gemma3-270m":
+        from vllm_spectralquant.models.gemma3_example import write_gemma3_model
+
+        out = write_gemma3_model(args.dir, overwrite=args.overwrite)
+    else:
+        out = write_example_model(args.dir or default_example_model_dir(), overwrite=args.overwrite)
     print(out)
     return 0
 
@@ -146,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_presets)
 
     p = sub.add_parser("example-model", help="write the embedded SmolLM2-135M-Instruct as a Hugging Face folder")
-    p.add_argument("dir", nargs="?", help="output folder (default: $SPECTRALQUANT_HOME/models/SmolLM2-135M-Instruct)")
+    p.add_argument("dir", nargs="?", help="output folder (default: $SPECTRALQUANT_HOME/models/<model's name>)")
+    p.add_argument("--model", choices=["smollm2-135m", "gemma3-270m"], default="smollm2-135m",
+                   help="smollm2-135m (default; SmolLM2-135M-Instruct) or gemma3-270m (gemma-3-270m, sliding windows)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_example_model)
 

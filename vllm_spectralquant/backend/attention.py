@@ -3,10 +3,11 @@
 Per layer and step, vLLM calls ``do_kv_cache_update`` (pack the new tokens into their slots), then
 ``forward``. The batch is reordered decodes first (reorder threshold 1):
 
-* decodes attend over the packed cache (``ops.decode_attention``). With speculative decoding a
-  decode row holds the draft tokens too (up to ``1 + num_speculative_tokens`` query tokens); each
-  token becomes a one-token decode row (``decode_rows``), so verification runs the same kernel and
-  arithmetic as plain decoding;
+* decodes attend over the packed cache (``ops.decode_attention``; sliding-window layers over their
+  last ``sliding_window`` tokens only, since vLLM frees the blocks before it). With speculative
+  decoding a decode row holds the draft tokens too (up to ``1 + num_speculative_tokens`` query
+  tokens); each token becomes a one-token decode row (``decode_rows``), so verification runs the
+  same kernel and arithmetic as plain decoding;
 * a first prefill chunk (query length == sequence length) attends over its raw K/V;
 * continuation chunks and prefix-cache hits attend over the packed cached context plus the chunk's
   raw K/V, tile by tile in bounded memory (``prefill.prefill_attention``).
@@ -85,6 +86,10 @@ class SpectralQuantBackend(AttentionBackend):
         return (KVCacheLayout.LBHNC, KVCacheLayout.LBNHC)
 
     @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True  # the window is applied in attention; the layer's cache stays packed
+
+    @classmethod
     def supports_kv_connector(cls) -> bool:
         return False  # the packed layout is not what KV connectors (LMCache, NIXL) expect
 
@@ -123,6 +128,8 @@ class SpectralQuantMetadataBuilder(AttentionMetadataBuilder[SpectralQuantMetadat
         # The Triton and torch paths are not promised to be.
         from vllm_spectralquant.ops import cuda_ext
 
+        if getattr(kv_cache_spec, "sliding_window", None) is not None:
+            return AttentionCGSupport.NEVER  # windowed decode runs on Triton (no window in the CUDA kernel)
         if torch.cuda.is_available() and cuda_ext.is_available():
             return AttentionCGSupport.UNIFORM_BATCH
         return AttentionCGSupport.NEVER
@@ -194,7 +201,6 @@ class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
                 raise NotImplementedError(refusal)
         unsupported = {
             "ALiBi": alibi_slopes is not None,
-            "sliding-window attention": sliding_window is not None,
             "logits soft-capping": logits_soft_cap not in (None, 0),
             f"{getattr(attn_type, 'value', attn_type)} attention (only decoder self-attention)": attn_type != AttentionType.DECODER,
             "KV sharing between layers": kv_sharing_target_layer_name is not None,
@@ -215,6 +221,8 @@ class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
+        # vLLM's convention: the query at position p attends p - sliding_window + 1 .. p (None: all of them).
+        self.sliding_window = sliding_window
         self.config = SpectralQuantConfig.from_vllm_config(vllm_config, head_size, kv_cache_dtype)
         artifact = self.config.load_artifact()  # verified at startup: a bad artifact fails here, naming the cause
         total_kv_heads = served_model(vllm_config.model_config).shape.num_kv_heads
@@ -261,7 +269,8 @@ class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
                 rows = expand_decode_rows(md.query_start_loc, md.seq_lens, md.block_table, md.num_decodes, nd)
                 block_table, seq_lens = rows.block_table, rows.seq_lens
             ops.decode_attention(
-                query[:nd], kv_cache, block_table, seq_lens, codec, geometry, self.scale, output[:nd], workspace=md.workspace
+                query[:nd], kv_cache, block_table, seq_lens, codec, geometry, self.scale, output[:nd],
+                workspace=md.workspace, window=self.sliding_window,
             )
         if md.num_prefills:
             self._prefills(query, key, value, kv_cache, md, codec, geometry, output)
@@ -275,9 +284,13 @@ class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
             q_len, seq_len = end - start, lens[r]
             k_new, v_new = key[start:end], value[start:end]
             cached = seq_len - q_len
-            if cached > 0:  # continuation chunk or prefix-cache hit: cached context is packed
+            if cached > 0 or self.sliding_window is not None:
+                # A continuation chunk or prefix-cache hit (the cached context is packed), or a
+                # sliding-window layer (a band, not a plain causal mask): tiled, bounded memory, and
+                # never a read of a block that slid out of the window.
                 o = prefill_attention(
-                    query[start:end], k_new, v_new, kv_cache, md.block_table[r], cached, codec, geometry, self.scale
+                    query[start:end], k_new, v_new, kv_cache, md.block_table[r], cached, codec, geometry, self.scale,
+                    window=self.sliding_window,
                 )
             else:
                 o = causal_attention(query[start:end], k_new, v_new, self.scale)

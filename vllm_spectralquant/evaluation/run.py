@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from vllm_spectralquant.errors import SpectralQuantError
@@ -97,12 +97,16 @@ def _inputs(cfg: EvalConfig, max_context: int):
     tok = AutoTokenizer.from_pretrained(cfg.model_dir)
     ids = torch.tensor(tok(read_corpus(cfg.corpus), add_special_tokens=False)["input_ids"])
     _, held = split_halves(ids)
-    windows = [w.tolist() for w in split_windows(held, cfg.ppl_window_tokens, cfg.ppl_windows)]
+    # What the tokenizer puts before any text (Gemma: its BOS, which it degrades without; SmolLM2: nothing)
+    # starts every prompt, as it would in the model's own use.
+    prefix = tok("", add_special_tokens=True)["input_ids"]
+    windows = [prefix + w.tolist() for w in split_windows(held, cfg.ppl_window_tokens, cfg.ppl_windows)]
     # Greedy prompts come from the held-out text after the perplexity windows (or its start if short).
     start = max(0, min(cfg.ppl_windows * cfg.ppl_window_tokens, len(held) - 64 * cfg.greedy_prompts))
-    prompts = [w[:48].tolist() for w in split_windows(held, 64, cfg.greedy_prompts, start=start)]
+    prompts = [prefix + w[:48].tolist() for w in split_windows(held, 64, cfg.greedy_prompts, start=start)]
     lengths = cfg.needle_lengths or sorted({1024, max_context // 2, max_context - 256})
     trials = build_trials(tok, ids.tolist(), [n for n in lengths if n <= max_context - 16], cfg.needle_depths)
+    trials = [replace(t, prompt_ids=prefix + t.prompt_ids) for t in trials]
     return windows, prompts, trials
 
 

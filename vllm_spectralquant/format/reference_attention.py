@@ -59,6 +59,7 @@ def paged_attention(
     out: torch.Tensor | None = None,
     *,
     validate: bool = True,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of new query tokens over their sequences' packed context.
 
@@ -68,6 +69,9 @@ def paged_attention(
             Rows past ``query_start_loc[-1]`` (vLLM padding) are left untouched in ``out``.
         kv_cache: uint8 [num_blocks, H, block_size, page_slot_bytes], already holding the new tokens.
         block_table: int [>= B, max_blocks]; seq_lens: int [B]; query_start_loc: int [B + 1].
+        window: sliding window in tokens, vLLM's convention: the query at position p attends positions
+            ``p - window + 1 .. p`` (None: the whole context). Tokens before a row's window are never used, so
+            their block-table entries may point anywhere (vLLM's null block once the window passed them).
     Returns:
         ``out`` (allocated float32 [T, Hq, D] if None).
     """
@@ -93,12 +97,12 @@ def paged_attention(
         q_valid = j[None, :] < n_q[:, None]
         q = query[torch.where(q_valid, tok, 0)].float()
         q_pos = torch.where(q_valid, seq_lens[idx].long()[:, None] - n_q[:, None] + j[None, :], -1)
-        o = _attend(q, q_pos, kv_cache, block_table[idx], seq_lens[idx].long(), codec, geometry, scale)
+        o = _attend(q, q_pos, kv_cache, block_table[idx], seq_lens[idx].long(), codec, geometry, scale, window)
         out[tok[q_valid]] = o[q_valid].to(out.dtype)
     return out
 
 
-def _attend(q, q_pos, kv_cache, block_table, ctx_len, codec: LayerCodec, geometry: CacheGeometry, scale):
+def _attend(q, q_pos, kv_cache, block_table, ctx_len, codec: LayerCodec, geometry: CacheGeometry, scale, window=None):
     """q: float32 [B, Q, Hq, D]; q_pos: [B, Q] (-1 = padding) -> float32 [B, Q, Hq, D]."""
     bsz, qn, hq, d = q.shape
     h = codec.num_kv_heads
@@ -106,6 +110,12 @@ def _attend(q, q_pos, kv_cache, block_table, ctx_len, codec: LayerCodec, geometr
     kc, vc = codec.key, codec.value
     slots, valid = gather_slots(kv_cache, block_table, ctx_len, geometry)
     length = slots.shape[1]
+    pos = torch.arange(length, device=q.device)
+    if window is not None:
+        # Tokens before the earliest query's window count as padding: their bytes (vLLM may have freed
+        # and reused their blocks) are zeroed below like padding, and no query attends them.
+        first_q = torch.where(q_pos >= 0, q_pos, q_pos.max(dim=1, keepdim=True).values).min(dim=1).values
+        valid = valid & (pos[None, :] > first_q[:, None] - window)
     keys, values = decode_rotated(slots.reshape(bsz * length, h, -1), codec)
     k_lv, v_lv = keys.levels.view(bsz, length, h, d), values.levels.view(bsz, length, h, d)
     # Padding positions hold whatever bytes the cache has (NaN fp16 fields included): zero them,
@@ -124,7 +134,6 @@ def _attend(q, q_pos, kv_cache, block_table, ctx_len, codec: LayerCodec, geometr
     scores = scores + k_z.permute(0, 2, 1)[:, :, None, None, :] * w.sum(-1).permute(0, 2, 3, 1)[..., None]
 
     n_sink = min(geometry.sink_tokens, length)
-    pos = torch.arange(length, device=q.device)
     if n_sink:
         k_sink, v_sink = read_sinks(kv_cache, block_table[:, 0], geometry)
         sink_valid = valid[:, :n_sink, None, None]
@@ -132,6 +141,8 @@ def _attend(q, q_pos, kv_cache, block_table, ctx_len, codec: LayerCodec, geometr
         v_sink = torch.where(sink_valid, v_sink[:, :n_sink], 0.0)
         scores[..., :n_sink] = torch.einsum("bqhrd,blhd->bhrql", qg, k_sink)
     allowed = valid[:, None, None, None, :] & (pos[None, None, None, None, :] <= q_pos[:, None, None, :, None])
+    if window is not None:
+        allowed = allowed & (pos[None, None, None, None, :] > q_pos[:, None, None, :, None] - window)
     scores = torch.where(allowed, scores * scale, float("-inf"))
     p = torch.softmax(scores, dim=-1)
     p = torch.where(allowed, p, 0.0)  # rows with nothing allowed (padding) are NaN after softmax
@@ -161,8 +172,10 @@ def decode_context(
     return k, v
 
 
-def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Plain attention of the last ``len(q)`` positions over k, v (GQA).
+def dense_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None = None
+) -> torch.Tensor:
+    """Plain attention of the last ``len(q)`` positions over k, v (GQA); ``window`` as in :func:`paged_attention`.
 
     q: [n, Hq, D]; k, v: [L, H, D] -> float32 [n, Hq, D].
     """
@@ -174,6 +187,8 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     s = torch.einsum("nhd,lhd->hnl", q.float(), kk) * scale
     q_pos = torch.arange(length - n, length, device=q.device)
     mask = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask = mask & (torch.arange(length, device=q.device)[None, :] > q_pos[:, None] - window)
     s = s.masked_fill(~mask, float("-inf"))
     return torch.einsum("hnl,lhd->nhd", torch.softmax(s, dim=-1), vv)
 

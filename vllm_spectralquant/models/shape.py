@@ -69,6 +69,7 @@ class ModelShape:
     layer_types: tuple[str, ...]  # per layer: "full_attention", "sliding_attention", ...
     sliding_window: int | None  # the window of the sliding layers (None: no layer slides)
     logits_soft_cap: float | None = None
+    query_pre_attn_scalar: float | None = None  # Gemma: scores are scaled by this**-0.5, not head_dim**-0.5
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
@@ -90,7 +91,11 @@ class ModelShape:
         if SLIDING_ATTENTION not in types:
             window = None
         cap = _get(text, "attn_logit_softcapping")
-        return cls(layers, heads, kv_heads, head_dim, max_context, types, window, float(cap) if cap else None)
+        scalar = _get(text, "query_pre_attn_scalar")
+        return cls(
+            layers, heads, kv_heads, head_dim, max_context, types, window, float(cap) if cap else None,
+            float(scalar) if scalar else None,
+        )  # fmt: skip
 
     @classmethod
     def from_model_dir(cls, model_dir: Path | str) -> ModelShape:
@@ -105,18 +110,17 @@ class ModelShape:
 
     @property
     def softmax_scale(self) -> float:
-        return self.head_dim**-0.5
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def layer_sliding_window(self, layer: int) -> int | None:
         return self.sliding_window if self.layer_types[layer] == SLIDING_ATTENTION else None
 
     def serving_problems(self) -> list[str]:
-        """What the SpectralQuant backend cannot serve in this model (empty: it can serve it)."""
+        """What the SpectralQuant backend cannot serve in this model (empty: it can serve it).
+
+        Sliding-window layers are served (packed like global ones, the window applied in attention).
+        """
         out = []
-        sliding = sum(t == SLIDING_ATTENTION for t in self.layer_types)
-        if sliding:
-            where = "all layers" if sliding == self.num_layers else f"{sliding} of {self.num_layers} layers"
-            out.append(f"sliding-window attention (sliding_window={self.sliding_window} on {where})")
         other = sorted({t for t in self.layer_types if t not in (FULL_ATTENTION, SLIDING_ATTENTION)})
         if other:
             out.append(f"{', '.join(other)} layers (only full attention)")

@@ -143,9 +143,12 @@ def _decode_supports(head_dim: int, group: int, sink_tokens: int) -> bool:
     return bool(torch.ops.spectralquant.decode_supports(head_dim, group, sink_tokens))
 
 
-def decode_supported(codec: LayerCodec, geometry: CacheGeometry, num_query_heads: int) -> bool:
-    """Whether the built extension's decode kernel covers this shape (it answers; cached per shape)."""
-    if num_query_heads % codec.num_kv_heads or not is_available():
+def decode_supported(codec: LayerCodec, geometry: CacheGeometry, num_query_heads: int, window: int | None = None) -> bool:
+    """Whether the built extension's decode kernel covers this shape (it answers; cached per shape).
+
+    Sliding windows are not in the CUDA kernel: windowed calls go to the Triton decode.
+    """
+    if window is not None or num_query_heads % codec.num_kv_heads or not is_available():
         return False
     return _decode_supports(codec.head_dim, num_query_heads // codec.num_kv_heads, geometry.sink_tokens)
 
@@ -197,9 +200,11 @@ def store_kv(key, value, kv_cache, slot_mapping, codec: LayerCodec, geometry: Ca
 
 def decode_attention(
     query, kv_cache, block_table, seq_lens, codec: LayerCodec, geometry: CacheGeometry, softmax_scale: float, out,
-    workspace: DecodeWorkspace | None = None,
+    workspace: DecodeWorkspace | None = None, window: int | None = None,
 ) -> None:  # fmt: skip
     """See ``ops.dispatch.decode_attention``. Capture-safe when ``workspace`` is given (or already large enough)."""
+    if window is not None:
+        raise NotImplementedError("the CUDA decode kernel has no sliding window (decode_supported says so)")
     bsz = seq_lens.shape[0]
     if bsz == 0:
         return

@@ -58,8 +58,10 @@ def backend_for(device: torch.device, cuda_supported: bool = True) -> str:
     return _choose(torch.device(device), lambda name: name != "cuda" or cuda_supported)
 
 
-def impl_for(device: torch.device, decode_shape: tuple[LayerCodec, CacheGeometry, int] | None = None) -> KernelImpl:
-    """The implementation for a call on ``device``; ``decode_shape`` (codec, geometry, query heads) for decode."""
+def impl_for(
+    device: torch.device, decode_shape: tuple[LayerCodec, CacheGeometry, int, int | None] | None = None
+) -> KernelImpl:
+    """The implementation for a call on ``device``; ``decode_shape`` (codec, geometry, query heads, window) for decode."""
     if decode_shape is None:
         return get_impl(_choose(torch.device(device), lambda name: True))
     return get_impl(_choose(torch.device(device), lambda name: get_impl(name).decode_supported(*decode_shape)))
@@ -90,15 +92,21 @@ def decode_attention(
     softmax_scale: float,
     out: torch.Tensor,
     workspace: DecodeWorkspace | None = None,
+    window: int | None = None,
 ) -> None:
     """One query token per sequence (at position seq_len-1) over its packed context.
 
     query [B, Hq, D]; block_table int32 [>= B, max_blocks]; seq_lens int32 [B]; out [B, Hq, D] (written).
     ``workspace``: a :class:`~vllm_spectralquant.ops.workspace.DecodeWorkspace` preallocated for the
     largest batch; with it the CUDA path allocates nothing and is CUDA-graph safe.
+    ``window``: a sliding window of that many tokens (vLLM's convention, the query token included): only
+    positions ``seq_len - window .. seq_len - 1`` are read, so earlier block-table entries may point at
+    freed or reused blocks. None: the whole context.
     """
-    impl = impl_for(kv_cache.device, (codec, geometry, query.shape[1]))
-    impl.decode_attention(query, kv_cache, block_table, seq_lens, codec, geometry, softmax_scale, out, workspace)
+    impl = impl_for(kv_cache.device, (codec, geometry, query.shape[1], window))
+    impl.decode_attention(
+        query, kv_cache, block_table, seq_lens, codec, geometry, softmax_scale, out, workspace, window=window
+    )
 
 
 def gather_context(

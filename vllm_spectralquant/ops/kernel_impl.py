@@ -23,17 +23,19 @@ class KernelImpl(Protocol):
     def is_available(self, device: torch.device | str) -> bool:
         """Whether this implementation runs on tensors of ``device`` in this process."""
 
-    def decode_supported(self, codec: LayerCodec, geometry: CacheGeometry, num_query_heads: int) -> bool:
-        """Whether its decode kernel covers this shape (store and gather cover every shape)."""
+    def decode_supported(
+        self, codec: LayerCodec, geometry: CacheGeometry, num_query_heads: int, window: int | None = None
+    ) -> bool:
+        """Whether its decode kernel covers this shape and window (store and gather cover every shape)."""
 
     def store_kv(self, key, value, kv_cache, slot_mapping, codec: LayerCodec, geometry: CacheGeometry) -> None:
         """Quantise, pack and write new tokens (``slot_mapping`` -1 = skip)."""
 
     def decode_attention(
         self, query, kv_cache, block_table, seq_lens, codec: LayerCodec, geometry: CacheGeometry, softmax_scale: float,
-        out, workspace=None,
+        out, workspace=None, window: int | None = None,
     ) -> None:  # fmt: skip
-        """One query token per sequence over its packed context; writes ``out[:B]``."""
+        """One query token per sequence over its packed context (``window``: only its last ``window`` tokens)."""
 
     def gather_context(self, kv_cache, block_table, seq_lens, codec: LayerCodec, geometry: CacheGeometry):
         """Dequantised context K, V float32 [B, max(seq_lens), H, D]."""

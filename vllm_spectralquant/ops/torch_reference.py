@@ -14,7 +14,7 @@ def is_available(device: torch.device | str) -> bool:
     return True
 
 
-def decode_supported(codec, geometry, num_query_heads: int) -> bool:
+def decode_supported(codec, geometry, num_query_heads: int, window: int | None = None) -> bool:
     return True
 
 
@@ -23,11 +23,13 @@ def store_kv(key, value, kv_cache, slot_mapping, codec, geometry) -> None:
     _reference_store(key, value, kv_cache, slot_mapping, codec, geometry, strict=False)
 
 
-def decode_attention(query, kv_cache, block_table, seq_lens, codec, geometry, softmax_scale, out, workspace=None) -> None:
+def decode_attention(
+    query, kv_cache, block_table, seq_lens, codec, geometry, softmax_scale, out, workspace=None, window=None
+) -> None:
     b = seq_lens.shape[0]
     qsl = torch.arange(b + 1, device=query.device, dtype=torch.int32)
     res = reference_attention.paged_attention(
-        query[:b], kv_cache, block_table[:b], seq_lens, qsl, codec, geometry, softmax_scale, validate=False
+        query[:b], kv_cache, block_table[:b], seq_lens, qsl, codec, geometry, softmax_scale, validate=False, window=window
     )
     out[:b] = res.to(out.dtype)
 

@@ -30,7 +30,7 @@ LOG2E = 1.0 / math.log(2.0)
 
 @triton.jit
 def _partial_kernel(
-    w_ptr, wpar_ptr, cache_ptr, s_blk, s_head, s_tok, bt_ptr, s_bt, seq_ptr, block_size, n_sink, n_splits,
+    w_ptr, wpar_ptr, cache_ptr, s_blk, s_head, s_tok, bt_ptr, s_bt, seq_ptr, window, block_size, n_sink, n_splits,
     kb_ptr, ksh_ptr, k2_ptr, km_ptr, kl_ptr, klut_ptr, s_klut,
     vb_ptr, vsh_ptr, v2_ptr, vm_ptr, vl_ptr, vlut_ptr, s_vlut,
     po_ptr, pml_ptr, G,
@@ -42,8 +42,9 @@ def _partial_kernel(
     b = tl.program_id(2)
     nh = tl.num_programs(1)
     seq_len = tl.load(seq_ptr + b)
-    per = tl.cdiv(tl.cdiv(seq_len, BT), n_splits) * BT
-    start = split * per
+    first = tl.maximum(seq_len - window, 0)  # window 0: the whole context
+    per = tl.cdiv(tl.cdiv(seq_len - first, BT), n_splits) * BT
+    start = first + split * per
     end = tl.minimum(start + per, seq_len)
 
     rq = tl.arange(0, GP)
@@ -95,7 +96,7 @@ def _partial_kernel(
 @triton.jit
 def _merge_kernel(
     po_ptr, pml_ptr, q_ptr, s_qb, s_qh, merged_ptr,
-    cache_ptr, s_blk, s_head, s_tok, bt_ptr, s_bt, seq_ptr, slot_bytes, sink_bytes, n_sink, n_splits, qk_scale, G,
+    cache_ptr, s_blk, s_head, s_tok, bt_ptr, s_bt, seq_ptr, window, slot_bytes, sink_bytes, n_sink, n_splits, qk_scale, G,
     GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NSP: tl.constexpr, SP: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
@@ -114,7 +115,7 @@ def _merge_kernel(
     dmask = rd < D
     seq_len = tl.load(seq_ptr + b)
     rk = tl.arange(0, SP)
-    kmask = rk < tl.minimum(n_sink, seq_len)
+    kmask = (rk < tl.minimum(n_sink, seq_len)) & (rk >= tl.maximum(seq_len - window, 0))  # window 0: all sinks
     # Exact sinks from the first block's spill: token k owns bytes [k*4D, (k+1)*4D), K then V.
     entry = cache_ptr + tl.load(bt_ptr + b * s_bt).to(tl.int64) * s_blk + h * s_head
     index = rk[:, None] * (4 * D) + 2 * rd[None, :]
@@ -169,8 +170,12 @@ def decode_attention(
     softmax_scale: float,
     out: torch.Tensor,
     workspace: DecodeWorkspace | None = None,
+    window: int | None = None,
 ) -> None:
-    """Triton twin of the reference decode: query [>= B, Hq, D], out [>= B, Hq, D] (rows < B written)."""
+    """Triton twin of the reference decode: query [>= B, Hq, D], out [>= B, Hq, D] (rows < B written).
+
+    ``window``: only positions ``seq_len - window ..`` are read (tiles, block-table entries, sinks).
+    """
     bsz = seq_lens.shape[0]
     if bsz == 0:
         return
@@ -179,12 +184,13 @@ def decode_attention(
     hq = query.shape[1]
     g = hq // h
     dp, gp = padded_dim(d), padded_group(g)
-    splits = num_splits(bsz, h, block_table.shape[1] * geometry.block_size, kv_cache.device)
+    longest = block_table.shape[1] * geometry.block_size
+    splits = num_splits(bsz, h, longest if window is None else min(longest, window), kv_cache.device)
     ws = workspace if workspace is not None else default_workspace(kv_cache.device)
     views = ws.views(bsz, hq, h, d, splits, grow=workspace is None)
     rotate_queries(query[:bsz], kc, softmax_scale, views)
     cache = (kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2))
-    tables = (block_table, block_table.stride(0), seq_lens)
+    tables = (block_table, block_table.stride(0), seq_lens, 0 if window is None else int(window))
     _partial_kernel[(splits, h, bsz)](
         views.w16, views.wpar, *cache, *tables, geometry.block_size, geometry.sink_tokens, splits,
         *_coords(kc.key), *_coords(kc.value), views.part_o, views.part_ml, g,

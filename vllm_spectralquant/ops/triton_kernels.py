@@ -15,8 +15,8 @@ import torch
 NAME = "triton"
 
 
-def decode_supported(codec, geometry, num_query_heads: int) -> bool:
-    """The Triton decode covers every shape the format allows."""
+def decode_supported(codec, geometry, num_query_heads: int, window: int | None = None) -> bool:
+    """The Triton decode covers every shape the format allows, sliding windows included."""
     return True
 
 
@@ -37,11 +37,15 @@ def store_kv(key, value, kv_cache, slot_mapping, codec, geometry) -> None:
     triton_store.store_kv(key, value, kv_cache, slot_mapping, codec, geometry)
 
 
-def decode_attention(query, kv_cache, block_table, seq_lens, codec, geometry, softmax_scale, out, workspace=None) -> None:
+def decode_attention(
+    query, kv_cache, block_table, seq_lens, codec, geometry, softmax_scale, out, workspace=None, window=None
+) -> None:
     """See ``ops.dispatch.decode_attention``."""
     from vllm_spectralquant.ops import triton_decode
 
-    triton_decode.decode_attention(query, kv_cache, block_table, seq_lens, codec, geometry, softmax_scale, out, workspace)
+    triton_decode.decode_attention(
+        query, kv_cache, block_table, seq_lens, codec, geometry, softmax_scale, out, workspace, window
+    )
 
 
 def gather_context(kv_cache, block_table, seq_lens, codec, geometry):
