@@ -28,7 +28,13 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def _cmd_example_model(args: argparse.Namespace) -> int:
     from vllm_spectralquant.models.example_model import default_example_model_dir, write_example_model
 
-    out = write_example_model(args.dir or default_example_model_dir(), overwrite=args.overwrite)
+    out = write_example_model(
+        args.dir or default_example_model_dir(args.model),
+        overwrite=args.overwrite,
+        model=args.model,
+        keep_downloads=args.keep_downloads,
+        log=lambda line: print(line, file=sys.stderr, flush=True),  # stdout stays the folder's path alone
+    )
     print(out)
     return 0
 
@@ -145,9 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128], help="head dims to list (default: 64 128)")
     p.set_defaults(func=_cmd_presets)
 
-    p = sub.add_parser("example-model", help="write the embedded SmolLM2-135M-Instruct as a Hugging Face folder")
-    p.add_argument("dir", nargs="?", help="output folder (default: $SPECTRALQUANT_HOME/models/SmolLM2-135M-Instruct)")
+    from vllm_spectralquant.models.example_model import DEFAULT_EXAMPLE_MODEL, EXAMPLE_MODELS
+
+    p = sub.add_parser("example-model", help="build an example model (default: the embedded SmolLM2-135M-Instruct) as a Hugging Face folder")
+    p.add_argument("dir", nargs="?", help="output folder (default: $SPECTRALQUANT_HOME/models/<model name>)")
+    p.add_argument("--model", default=DEFAULT_EXAMPLE_MODEL,
+                   help=f"which one: {', '.join(EXAMPLE_MODELS)} (default: {DEFAULT_EXAMPLE_MODEL})")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--keep-downloads", action="store_true",
+                   help="keep the downloaded wheels and the assembled GGUF ($SPECTRALQUANT_HOME/downloads/) after the build")
     p.set_defaults(func=_cmd_example_model)
 
     p = sub.add_parser("calibrate", help="fit a model's SpectralQuant artifact from its post-RoPE K/V")
