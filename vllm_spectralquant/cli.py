@@ -131,6 +131,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             setattr(cfg, name, value)
     if args.needle_lengths:
         cfg.needle_lengths = args.needle_lengths
+    if args.needle_depths:
+        cfg.needle_depths = tuple(args.needle_depths)
     md = out_json.with_suffix(".md")
     png = out_json.with_suffix(".png")
     # Partial results are saved after each method ("complete": false), so a long run that dies keeps them.
@@ -188,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-windows", type=int, help="held-out windows for perplexity (default: 8)")
     p.add_argument("--prefill-chunk", type=int, help="prefill chunk = --max-num-batched-tokens (default: 128)")
     p.add_argument("--needle-lengths", type=int, nargs="+", help="needle context lengths (default: 1k, half, full context)")
+    p.add_argument("--needle-depths", type=float, nargs="+",
+                   help="needle depths as fractions of the context (default: 0.1 0.3 0.5 0.7 0.9; --quick: 0.25 0.75)")
     p.add_argument("--kv-cache-gib", type=int, help="KV cache memory per server on CPU (default: 2)")
     p.add_argument("--dtype", help="serving dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--quick", action="store_true", help="a few minutes: 2 windows, 4 prompts, 2 needles at 1k")
