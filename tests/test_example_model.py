@@ -362,3 +362,30 @@ def test_perplexity_on_lee_background(smollm2_fp32, lee_ids):
             count += batch[:, 1:].numel()
     perplexity = math.exp(nll_sum / count)
     assert 32.6 < perplexity < 33.6
+
+
+@pytest.mark.slow
+def test_converted_qwen_folder_if_built():
+    """The Qwen2.5-Coder-1.5B folder, when `example-model --model qwen2.5-coder-1.5b` has built it (a 1.09 GB
+    download, so the suite never builds it itself): head_dim 128, 12 / 2 heads, q/k/v biases, bf16, its chat template."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    folder = default_example_model_dir("qwen2.5-coder-1.5b")
+    if not is_model_dir(folder):
+        pytest.skip(f"not built: {folder}")
+    marker = read_example_marker(folder)
+    assert marker["source_gguf_sha256"] == example_model_spec("qwen2.5-coder-1.5b").gguf.sha256
+    assert len(marker["source_packages"]) == 22
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["dtype"] == "bfloat16"
+    assert (config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]) == (28, 12, 2)
+    assert config["hidden_size"] // config["num_attention_heads"] == 128 and config["max_position_embeddings"] == 32768
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        keys = set(f.keys())
+        dtypes = {f.get_slice(k).get_dtype() for k in keys}
+    assert dtypes == {"BF16"}
+    assert {f"model.layers.27.self_attn.{p}_proj.bias" for p in "qkv"} <= keys
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
