@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from vllm_spectralquant.cli import main as cli
+from vllm_spectralquant.files import file_sha256
 from vllm_spectralquant.models import example_model, gguf_sources
 from vllm_spectralquant.models.errors import ModelError
 from vllm_spectralquant.models.example_model import (
@@ -22,7 +23,6 @@ from vllm_spectralquant.models.example_model import (
     default_example_model_dir,
     downloads_dir,
     example_model_spec,
-    file_sha256,
     find_smollm2_gguf,
     is_model_dir,
     read_example_marker,

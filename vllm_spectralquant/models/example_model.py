@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_spectralquant.files import file_sha256
 from vllm_spectralquant.models.errors import ModelError
 from vllm_spectralquant.models.gguf_sources import GGUFFile, Log, PackageFile, SplitWheels, WheelPart
 
@@ -198,7 +197,8 @@ def _world_readable(dest: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
-def _write_marker(dest: Path, spec: ExampleModel, gguf_sha256: str, seconds: float) -> None:
+def _write_marker(dest: Path, spec: ExampleModel, seconds: float) -> None:
+    """The marker records the GGUF's sha256 as the source checked it (every source refuses any other file)."""
     import transformers
 
     marker = {
@@ -206,7 +206,7 @@ def _write_marker(dest: Path, spec: ExampleModel, gguf_sha256: str, seconds: flo
         "model": spec.name,
         **spec.source.describe(),
         "source_gguf": spec.gguf.name,
-        "source_gguf_sha256": gguf_sha256,
+        "source_gguf_sha256": spec.gguf.sha256,
         "dtype": "bfloat16",
         "transformers_version": transformers.__version__,
         "conversion_seconds": round(seconds, 1),
@@ -276,10 +276,9 @@ def write_example_model(
     build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         started = time.perf_counter()
-        gguf_sha256 = file_sha256(gguf_path)
         log(f"converting {gguf_path.name} to a bf16 Hugging Face folder")
         _convert_gguf(gguf_path, build)
-        _write_marker(build, spec, gguf_sha256, time.perf_counter() - started)
+        _write_marker(build, spec, time.perf_counter() - started)
         if not is_model_dir(build):
             raise ModelError(f"conversion of {gguf_path} did not produce a complete model folder in {build}")
         try:
