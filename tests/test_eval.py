@@ -56,3 +56,23 @@ def test_resume_without_an_earlier_report_is_a_clear_error(tmp_path, capsys):
 
     assert main(["eval", str(tmp_path), "--resume", "--json", str(tmp_path / "none.json")]) == 2
     assert "--resume: no earlier report" in capsys.readouterr().err
+
+
+def test_cli_needle_options_reach_the_config(tmp_path, monkeypatch):
+    """--needle-lengths and --needle-depths override the defaults (and --quick's), as given."""
+    from vllm_spectralquant.cli import main
+    from vllm_spectralquant.evaluation import run
+
+    seen = []
+
+    def fake_evaluate(cfg, log, on_result):
+        seen.append(cfg)
+        raise run.EvalError("stop here")
+
+    monkeypatch.setattr(run, "evaluate", fake_evaluate)
+    argv = ["eval", str(tmp_path), "--quick", "--needle-lengths", "1024", "8192", "--needle-depths", "0.5",
+            "--json", str(tmp_path / "out.json")]
+    assert main(argv) == 2
+    (cfg,) = seen
+    assert list(cfg.needle_lengths) == [1024, 8192] and cfg.needle_depths == (0.5,)
+    assert cfg.ppl_window_tokens == 512  # the rest of --quick stays

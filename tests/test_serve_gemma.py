@@ -19,9 +19,16 @@ PRESET = "spectralquant_sq4bit"
 
 @pytest.fixture(scope="module")
 def gemma_model_dir():
-    from vllm_spectralquant.models.gemma3_example import write_gemma3_model
+    """Built by the README's command, as written (reused when already in $SPECTRALQUANT_HOME)."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    return write_gemma3_model()
+    script = Path(sys.executable).parent / "spectralquant"  # this environment's console script
+    run = subprocess.run([str(script), "example-model", "--model", "gemma3-270m"], capture_output=True, text=True,
+                         timeout=1200)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return Path(run.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,13 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def _cmd_example_model(args: argparse.Namespace) -> int:
     from vllm_spectralquant.models.example_model import default_example_model_dir, write_example_model
 
-    if args.model == "gemma3-270m":
-        from vllm_spectralquant.models.gemma3_example import write_gemma3_model
-
-        out = write_gemma3_model(args.dir, overwrite=args.overwrite)
-    else:
-        out = write_example_model(args.dir or default_example_model_dir(), overwrite=args.overwrite)
+    out = write_example_model(
+        args.dir or default_example_model_dir(args.model),
+        overwrite=args.overwrite,
+        model=args.model,
+        keep_downloads=args.keep_downloads,
+        log=lambda line: print(line, file=sys.stderr, flush=True),  # stdout stays the folder's path alone
+    )
     print(out)
     return 0
 
@@ -130,6 +131,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             setattr(cfg, name, value)
     if args.needle_lengths:
         cfg.needle_lengths = args.needle_lengths
+    if args.needle_depths:
+        cfg.needle_depths = tuple(args.needle_depths)
     md = out_json.with_suffix(".md")
     png = out_json.with_suffix(".png")
     # Partial results are saved after each method ("complete": false), so a long run that dies keeps them.
@@ -150,11 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128], help="head dims to list (default: 64 128)")
     p.set_defaults(func=_cmd_presets)
 
-    p = sub.add_parser("example-model", help="write the embedded SmolLM2-135M-Instruct as a Hugging Face folder")
-    p.add_argument("dir", nargs="?", help="output folder (default: $SPECTRALQUANT_HOME/models/<model's name>)")
-    p.add_argument("--model", choices=["smollm2-135m", "gemma3-270m"], default="smollm2-135m",
-                   help="smollm2-135m (default; SmolLM2-135M-Instruct) or gemma3-270m (gemma-3-270m, sliding windows)")
+    from vllm_spectralquant.models.example_model import DEFAULT_EXAMPLE_MODEL, EXAMPLE_MODELS
+
+    p = sub.add_parser("example-model", help="build an example model (default: the embedded SmolLM2-135M-Instruct) as a Hugging Face folder")
+    p.add_argument("dir", nargs="?", help="output folder (default: $SPECTRALQUANT_HOME/models/<model name>)")
+    p.add_argument("--model", default=DEFAULT_EXAMPLE_MODEL,
+                   help=f"which one: {', '.join(EXAMPLE_MODELS)} (default: {DEFAULT_EXAMPLE_MODEL})")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--keep-downloads", action="store_true",
+                   help="keep the downloaded wheels and the assembled GGUF ($SPECTRALQUANT_HOME/downloads/) after the build")
     p.set_defaults(func=_cmd_example_model)
 
     p = sub.add_parser("calibrate", help="fit a model's SpectralQuant artifact from its post-RoPE K/V")
@@ -183,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-windows", type=int, help="held-out windows for perplexity (default: 8)")
     p.add_argument("--prefill-chunk", type=int, help="prefill chunk = --max-num-batched-tokens (default: 128)")
     p.add_argument("--needle-lengths", type=int, nargs="+", help="needle context lengths (default: 1k, half, full context)")
+    p.add_argument("--needle-depths", type=float, nargs="+",
+                   help="needle depths as fractions of the context (default: 0.1 0.3 0.5 0.7 0.9; --quick: 0.25 0.75)")
     p.add_argument("--kv-cache-gib", type=int, help="KV cache memory per server on CPU (default: 2)")
     p.add_argument("--dtype", help="serving dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--quick", action="store_true", help="a few minutes: 2 windows, 4 prompts, 2 needles at 1k")

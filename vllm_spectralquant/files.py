@@ -7,7 +7,10 @@ import importlib.util
 import io
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from vllm_spectralquant.errors import SpectralQuantError
 
@@ -43,22 +46,30 @@ def file_sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-def write_atomic(path: Path | str, payload: bytes, mode: int = 0o644) -> Path:
-    """Write ``payload`` to ``path`` atomically: a temporary file next to it, then a rename over it.
+@contextmanager
+def atomic_output(path: Path | str, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """A binary file to write (or stream) into; its bytes appear at ``path`` only if the block ends without an error.
 
-    Readers see the old file or the new one, never a part; a failed write leaves no temporary file.
+    The file is a temporary next to ``path``, renamed over it at the end, so readers see the old file or the new
+    one, never a part; an error inside the block (a failed check included) deletes the temporary.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(payload)
+            yield f
         os.chmod(tmp, mode)  # mkstemp makes 0600; reports are meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_atomic(path: Path | str, payload: bytes, mode: int = 0o644) -> Path:
+    """Write ``payload`` to ``path`` atomically (see :func:`atomic_output`)."""
+    with atomic_output(path, mode) as f:
+        f.write(payload)
+    return Path(path)
 
 
 def save_figure(fig, path: Path | str, dpi: float | None = None) -> Path:
