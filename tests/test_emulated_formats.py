@@ -143,6 +143,14 @@ def test_dense_cache_stores_rounded_values_and_attends_over_them():
     slots = block_table[0, pos // bs].long() * bs + pos % bs
     layer = SimpleNamespace(layer_name="model.layers.5.self_attn.attn")
     impl.do_kv_cache_update(layer, k[:ctx], v[:ctx], kv_cache, slots[:ctx])  # the first chunk, cached
+    md0 = SpectralQuantMetadata(
+        num_actual_tokens=ctx, query_start_loc=torch.tensor([0, ctx]), seq_lens=torch.tensor([ctx]),
+        block_table=block_table, slot_mapping=slots[:ctx], num_decodes=0, num_decode_tokens=0, num_prefills=1,
+        query_start_loc_cpu=torch.tensor([0, ctx]), seq_lens_cpu=torch.tensor([ctx]),
+    )
+    out0 = torch.empty(ctx, 4, D)  # a first chunk (no cached context) attends over its raw K/V
+    impl.forward(layer, q[:ctx], k[:ctx], v[:ctx], kv_cache, md0, output=out0)
+    assert torch.allclose(out0, causal_attention(q[:ctx], k[:ctx], v[:ctx], impl.scale, 0), atol=1e-5)
     impl.do_kv_cache_update(layer, k[ctx:], v[ctx:], kv_cache, slots[ctx:])  # the continuation chunk
     md = SpectralQuantMetadata(
         num_actual_tokens=n - ctx, query_start_loc=torch.tensor([0, n - ctx]), seq_lens=torch.tensor([n]),

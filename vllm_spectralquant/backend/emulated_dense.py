@@ -153,7 +153,7 @@ class EmulatedDenseImpl(AttentionImpl):
         bs = pages.shape[2]
         nblocks = -(-length // bs)
         seq = pages[block_row[:nblocks].long()]  # [nb, H, bs, 2D]
-        seq = seq.transpose(1, 2).reshape(nblocks * bs, pages.shape[1], -1)[:length]
+        seq = seq.transpose(1, 2).reshape(nblocks * bs, pages.shape[1], pages.shape[3])[:length]  # explicit: a first chunk has 0 blocks
         return seq[..., : self.head_size], seq[..., self.head_size :]
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None, output_block_scale=None):
