@@ -76,3 +76,59 @@ def test_cli_needle_options_reach_the_config(tmp_path, monkeypatch):
     (cfg,) = seen
     assert list(cfg.needle_lengths) == [1024, 8192] and cfg.needle_depths == (0.5,)
     assert cfg.ppl_window_tokens == 512  # the rest of --quick stays
+
+
+def test_paired_delta_and_its_standard_error():
+    import math
+
+    from vllm_spectralquant.evaluation.run import paired_delta
+
+    ref = [3.0, 3.2, 2.9, 3.1]
+    delta, se = paired_delta([x + 0.01 for x in ref], ref)  # the same shift in every window: no spread
+    assert delta == pytest.approx(100 * (math.exp(0.01) - 1)) and se == pytest.approx(0.0, abs=1e-9)
+    delta, se = paired_delta([3.02, 3.2, 2.92, 3.1], ref)  # shifts 0.02, 0, 0.02, 0: sd 0.01155, SE 0.00577
+    assert delta == pytest.approx(100 * (math.exp(0.01) - 1)) and se == pytest.approx(100 * math.exp(0.01) * 0.011547 / 2, rel=1e-3)
+    assert paired_delta([3.0], [2.0])[1] is None
+
+
+def test_methods_accept_emulated_vllm_formats_and_reject_unknown_names():
+    from vllm_spectralquant.evaluation.run import EvalError, methods_for
+
+    rows = methods_for(["sq3bit", "int4_per_token_head", "bf16_rounded"])
+    assert [(m.method, m.kv_cache_dtype, m.needs_artifact, m.emulated) for m in rows] == [
+        ("bf16", "auto", False, False),
+        ("spectralquant", "spectralquant_sq3bit", True, False),
+        ("vllm", "spectralquant_emulate_int4_per_token_head", False, True),
+        ("noise_floor", "spectralquant_emulate_bf16_rounded", False, True),
+    ]
+    with pytest.raises(EvalError, match="emulated method: bf16_rounded"):
+        methods_for(["int2"])
+
+
+def test_report_shows_spread_noise_floor_and_goal():
+    from dataclasses import asdict, replace
+
+    from vllm_spectralquant.evaluation import report
+    from vllm_spectralquant.evaluation.run import emulated_bytes, goal_check, noise_floor
+
+    settings, (ref, sq) = _report_with_rows()
+    ref = replace(ref, window_nll=[3.0, 3.1])
+    sq = replace(sq, window_nll=[3.01, 3.11], ppl_delta_se_pct=0.0)
+    floor = replace(sq, method="noise_floor", preset="bf16_rounded", kv_cache_dtype="spectralquant_emulate_bf16_rounded",
+                    bytes_per_head_token=256, ppl=10.001, window_nll=[3.0001, 3.1001])
+    fp8 = replace(floor, method="vllm", preset="fp8", kv_cache_dtype="spectralquant_emulate_fp8", bytes_per_head_token=128,
+                  ppl=10.2, window_nll=[3.02, 3.12], kv_capacity_source="analytic (bytes)")
+    rows = [ref, sq, floor, fp8]
+    goal = goal_check(rows)
+    assert [(g["spectralquant"], g["vllm"], g["lower_ppl"]) for g in goal] == [("sq4bit", "fp8", True)]
+    nf = noise_floor(rows)
+    assert set(nf["rows"]) == {"bf16_rounded"} and nf["fp8_vs_bf16_rounded"]["ppl_delta_pct"] > 0
+    md = report.markdown({**settings, "date": "d", "reference": "r", "greedy": {"prompts": 1, "tokens": 1},
+                          "perplexity": {"windows": 2, "window_tokens": 8, "prefill_chunk": 2, "scoring": "s"},
+                          "results": [asdict(r) for r in rows], "noise_floor": nf, "goal": goal})
+    assert "± 0.00" in md and "**Noise floor**" in md and "fp8 vs bf16_rounded" in md and "| sq4bit | 67 | fp8 | 128 |" in md
+    assert "10*" in md  # analytic capacity is marked
+    log = "INFO SpectralQuant emulation: spectralquant_emulate_fp8 128.000 B per head-token over 30 layers (every layer compressed)"
+    assert emulated_bytes(log, "spectralquant_emulate_fp8") == 128.0
+    with pytest.raises(Exception, match="no SpectralQuant emulation line"):
+        emulated_bytes(log, "spectralquant_emulate_int4_per_token_head")

@@ -125,7 +125,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.quick:
         cfg.ppl_windows, cfg.ppl_window_tokens, cfg.greedy_prompts, cfg.greedy_tokens = 2, 512, 4, 16
         cfg.needle_lengths, cfg.needle_depths = [1024], (0.25, 0.75)
-    for name in ("ppl_windows", "prefill_chunk", "kv_cache_gib", "dtype"):
+    for name in ("ppl_windows", "prefill_chunk", "kv_cache_gib", "dtype", "greedy_prompts", "greedy_tokens"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -184,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="quality report through vLLM: perplexity, needles, greedy agreement, capacity")
     p.add_argument("model_dir", type=Path)
     p.add_argument("--artifact", type=Path, help="artifact folder (default: MODEL_DIR/spectralquant)")
-    p.add_argument("--presets", nargs="+", help="presets to compare with the uncompressed cache (default: all)")
+    p.add_argument("--presets", nargs="+",
+                   help="presets to compare with the uncompressed cache (default: every SpectralQuant and TQ-layout preset); "
+                        "also vLLM's formats emulated by our backend (fp8, int4_per_token_head, turboquant_4bit_nc, "
+                        "turboquant_k3v4_nc, turboquant_3bit_nc) and the noise floor bf16_rounded")
     p.add_argument("--corpus", type=Path, help="UTF-8 text file or folder (default: lee_background)")
     p.add_argument("--json", type=Path, help="output JSON (default: spectralquant-eval.json; .md and .png beside it)")
     p.add_argument("--ppl-windows", type=int, help="held-out windows for perplexity (default: 8)")
@@ -192,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--needle-lengths", type=int, nargs="+", help="needle context lengths (default: 1k, half, full context)")
     p.add_argument("--needle-depths", type=float, nargs="+",
                    help="needle depths as fractions of the context (default: 0.1 0.3 0.5 0.7 0.9; --quick: 0.25 0.75)")
+    p.add_argument("--greedy-prompts", type=int, help="prompts for greedy agreement (default: 16)")
+    p.add_argument("--greedy-tokens", type=int, help="tokens per greedy continuation (default: 64)")
     p.add_argument("--kv-cache-gib", type=int, help="KV cache memory per server on CPU (default: 2)")
     p.add_argument("--dtype", help="serving dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--quick", action="store_true", help="a few minutes: 2 windows, 4 prompts, 2 needles at 1k")

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 
+from vllm_spectralquant.emulation import EMULATED_KV_CACHE_DTYPES
 from vllm_spectralquant.format.presets import PRESETS
 
 logger = logging.getLogger(__name__)
 
-KV_CACHE_DTYPES = tuple(p.kv_cache_dtype for p in PRESETS.values())
+KV_CACHE_DTYPES = tuple(p.kv_cache_dtype for p in PRESETS.values()) + EMULATED_KV_CACHE_DTYPES
 DTYPE_PREFIX = "spectralquant_"
 BACKEND_CLASS = "vllm_spectralquant.backend.attention.SpectralQuantBackend"
 

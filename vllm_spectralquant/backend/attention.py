@@ -39,11 +39,14 @@ from vllm_spectralquant.backend.config import SpectralQuantConfig, served_model
 from vllm_spectralquant.backend.decode_rows import expand_decode_rows
 from vllm_spectralquant.backend.prefill import prefill_attention
 from vllm_spectralquant.backend.tensor_parallel import check_rank_slice, current_rank
+from vllm_spectralquant.emulation import EMULATED_KV_CACHE_DTYPES
 from vllm_spectralquant.format.params import LayerCodec
 from vllm_spectralquant.format.presets import MAX_HEAD_DIM, MIN_HEAD_DIM, PRESETS, GROUP_SIZE
 from vllm_spectralquant.models.shape import unsupported_message
 
 KV_CACHE_DTYPES = [p.kv_cache_dtype for p in PRESETS.values()]
+#: Also served: vLLM's own formats emulated on a dense cache (backend/emulated_dense.py).
+SERVED_KV_CACHE_DTYPES = KV_CACHE_DTYPES + list(EMULATED_KV_CACHE_DTYPES)
 
 
 class SpectralQuantBackend(AttentionBackend):
@@ -52,15 +55,18 @@ class SpectralQuantBackend(AttentionBackend):
     accept_output_buffer: bool = True
     forward_includes_kv_cache_update: bool = False
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes: ClassVar[list[str]] = KV_CACHE_DTYPES
+    supported_kv_cache_dtypes: ClassVar[list[str]] = SERVED_KV_CACHE_DTYPES
 
     @staticmethod
     def get_name() -> str:
         return "CUSTOM"
 
     @staticmethod
-    def get_impl_cls() -> type[SpectralQuantImpl]:
-        return SpectralQuantImpl
+    def get_impl_cls() -> type[AttentionImpl]:
+        # vLLM asks while building a layer, under its config: an emulated dtype gets the dense impl.
+        from vllm_spectralquant.backend.emulated_dense import EmulatedDenseImpl, emulated_cache_dtype
+
+        return SpectralQuantImpl if emulated_cache_dtype() is None else EmulatedDenseImpl
 
     @staticmethod
     def get_builder_cls() -> type[SpectralQuantMetadataBuilder]:
@@ -98,6 +104,10 @@ class SpectralQuantBackend(AttentionBackend):
         """Make vLLM allocate packed bytes per head-token (slot + sink spill) for our layers."""
         if spec.dtype != torch.uint8:
             return spec
+        from vllm_spectralquant.backend.emulated_dense import emulated_cache_dtype, page_entry_bytes
+
+        if emulated_cache_dtype(spec.head_size) is not None:
+            return replace(spec, state_content_bytes=page_entry_bytes(spec.head_size))
         geometry = SpectralQuantConfig.for_spec(spec.head_size, spec.block_size).geometry(spec.block_size)
         return replace(spec, state_content_bytes=geometry.page_slot_bytes)
 

@@ -37,10 +37,15 @@ def prompt_nll(client, token_ids: Sequence[int], first_scored: int = 1) -> tuple
     return total, count
 
 
+def window_nlls(client, windows: Sequence[Sequence[int]], concurrency: int = 1, first_scored: int = 1) -> list[tuple[float, int]]:
+    """(NLL sum, scored tokens) of each window, in window order (``prompt_nll`` per window)."""
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(pool.map(lambda w: prompt_nll(client, w, first_scored), windows))
+
+
 def perplexity(client, windows: Sequence[Sequence[int]], concurrency: int = 1, first_scored: int = 1) -> float:
     """exp(mean NLL) over the scored tokens (index >= first_scored) of all windows."""
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        parts = list(pool.map(lambda w: prompt_nll(client, w, first_scored), windows))
+    parts = window_nlls(client, windows, concurrency, first_scored)
     total = sum(p[0] for p in parts)
     count = sum(p[1] for p in parts)
     return math.exp(total / count)

@@ -11,25 +11,38 @@ preset, one `vllm serve` run measures:
 * agreement of greedy continuations with the uncompressed cache (mean common-prefix fraction);
 * vLLM's own KV capacity (tokens) from its startup log.
 
-Proof that the compressed path ran: each SpectralQuant/TQ run must log our backend's artifact or
-codec line, report a different capacity, and produce numbers that differ from the reference.
+vLLM's own compressed caches (``turboquant_*``, ``int4_per_token_head``, ``fp8``) and the noise floor
+``bf16_rounded`` are emulated by our backend (``vllm_spectralquant/emulation.py``): their bytes per
+head-token are what vLLM allocates (read from our backend's log line), and their capacity is analytic
+(the reference's bf16 capacity times the byte ratio), not the dense emulation's own vLLM log figure.
+
+Every row's perplexity change carries its spread: the standard error of the per-window paired
+difference (mean NLL per token, method minus reference) over the windows, in percent.
+
+Proof that the compressed path ran: each SpectralQuant/TQ/emulated run must log our backend's
+line, and produce numbers that differ from the reference.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from vllm_spectralquant.errors import SpectralQuantError
-from vllm_spectralquant.evaluation.metrics import common_prefix, greedy_many, perplexity
+from vllm_spectralquant.emulation import EMULATED_METHODS, get_emulated, is_emulated
+from vllm_spectralquant.evaluation.metrics import common_prefix, greedy_many, window_nlls
 from vllm_spectralquant.evaluation.needle import build_trials, pass_rate
 from vllm_spectralquant.format.presets import PRESETS, get_preset
 from vllm_spectralquant.models.shape import ModelShape
 
 REFERENCE = "bf16"
+#: Our backend's line for an emulated format (backend/emulated_dense.py ``bytes_log_line``).
+EMULATED_BYTES_RE = re.compile(r"SpectralQuant emulation: (\S+) ([\d.]+) B per head-token")
 
 
 class EvalError(SpectralQuantError):
@@ -41,7 +54,7 @@ class EvalError(SpectralQuantError):
 class EvalConfig:
     model_dir: Path
     artifact: Path | None = None
-    presets: Sequence[str] | None = None  # default: every preset (SpectralQuant and TQ layout)
+    presets: Sequence[str] | None = None  # default: every preset (SpectralQuant and TQ layout); emulated names too
     corpus: Path | None = None
     ppl_windows: int = 8
     ppl_window_tokens: int = 1024
@@ -59,10 +72,10 @@ class EvalConfig:
 
 @dataclass
 class MethodResult:
-    method: str
+    method: str  # bf16 (the reference), spectralquant, turboquant (our TQ layout), vllm / noise_floor (emulated)
     preset: str | None
     kv_cache_dtype: str
-    bytes_per_head_token: int
+    bytes_per_head_token: float  # emulated vLLM formats: averaged over layers (TurboQuant's skipped layers at bf16)
     compression: float  # bf16 bytes / bytes per head-token (slot)
     ppl: float
     ppl_delta_pct: float | None
@@ -72,6 +85,9 @@ class MethodResult:
     kv_capacity_vs_bf16: float | None
     needles: list[bool]
     seconds: float
+    ppl_delta_se_pct: float | None = None  # standard error of ppl_delta_pct over windows (paired with the reference)
+    window_nll: list[float] = field(default_factory=list)  # mean NLL per scored token, per window
+    kv_capacity_source: str = "vLLM log"  # or "analytic (bytes)" for emulated formats
 
 
 def _serving_dtype(dtype: str) -> str:
@@ -110,6 +126,55 @@ def _inputs(cfg: EvalConfig, max_context: int):
     return windows, prompts, trials
 
 
+@dataclass(frozen=True)
+class _Method:
+    """One row to measure: its label, preset name (None: the reference) and kv-cache dtype."""
+
+    method: str
+    preset: str | None
+    kv_cache_dtype: str
+    needs_artifact: bool = False
+    emulated: bool = False
+
+
+def methods_for(names: Sequence[str] | None) -> list[_Method]:
+    """The reference, then ``names`` (SpectralQuant/TQ presets or emulated methods) in order."""
+    rows = [_Method(REFERENCE, None, "auto")]
+    for name in names or list(PRESETS):
+        if is_emulated(name):
+            m = get_emulated(name)
+            rows.append(_Method(m.family, m.name, m.kv_cache_dtype, emulated=True))
+        else:
+            try:
+                p = get_preset(name)
+            except SpectralQuantError as e:
+                raise EvalError(f"{e}; or an emulated method: {', '.join(EMULATED_METHODS)}") from None
+            rows.append(_Method(p.method, p.name, p.kv_cache_dtype, needs_artifact=p.method == "spectralquant"))
+    return rows
+
+
+def paired_delta(window_nll: Sequence[float], ref_window_nll: Sequence[float]) -> tuple[float, float | None]:
+    """Perplexity change (%) and its standard error (%) from per-window mean NLLs paired with the reference.
+
+    With equal scored tokens per window the change is ``exp(mean d) - 1`` for ``d_w = nll_w - ref_w``;
+    its standard error is ``exp(mean d) * std(d) / sqrt(W)`` (None for fewer than 2 windows).
+    """
+    d = [a - b for a, b in zip(window_nll, ref_window_nll)]
+    mean = sum(d) / len(d)
+    if len(d) < 2:
+        return 100 * (math.exp(mean) - 1), None
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+    return 100 * (math.exp(mean) - 1), 100 * math.exp(mean) * sd / math.sqrt(len(d))
+
+
+def emulated_bytes(log: str, kv_dtype: str) -> float:
+    """Bytes per head-token our backend logged for an emulated format (vLLM's own allocation)."""
+    for m in EMULATED_BYTES_RE.finditer(log):
+        if m.group(1) == kv_dtype:
+            return float(m.group(2))
+    raise EvalError(f"{kv_dtype}: the server log shows no SpectralQuant emulation line; the emulated path did not run")
+
+
 def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Callable[[dict], None] | None = None) -> dict:
     """Run every method side by side; returns the JSON-ready report.
 
@@ -122,8 +187,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Cal
     if not 0 < cfg.prefill_chunk < cfg.ppl_window_tokens - 1:
         raise EvalError(f"--prefill-chunk {cfg.prefill_chunk} must be smaller than the perplexity window ({cfg.ppl_window_tokens} tokens)")
     head_dim, max_context = _model_shape(cfg.model_dir)
-    names = list(cfg.presets) if cfg.presets else list(PRESETS)
-    presets = [get_preset(n) for n in names]
+    methods = methods_for(cfg.presets)
     dtype = _serving_dtype(cfg.dtype)
     windows, prompts, trials = _inputs(cfg, max_context)
     max_len = max([cfg.ppl_window_tokens + 8] + [len(t.prompt_ids) + 16 for t in trials])
@@ -134,8 +198,9 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Cal
     results: list[MethodResult] = []
     ref: MethodResult | None = None
     ref_greedy = None
-    for method, preset in [(REFERENCE, None)] + [(p.method, p) for p in presets]:
-        kv_dtype = "auto" if preset is None else preset.kv_cache_dtype
+    full_bytes = 4 * head_dim  # bf16 K and V: the byte convention of the reference
+    for m in methods:
+        kv_dtype = m.kv_cache_dtype
         if kv_dtype in kept:
             log(f"  {kv_dtype}: kept from the resumed report (ppl {kept[kv_dtype].ppl:.3f})")
             results.append(kept[kv_dtype])
@@ -143,33 +208,40 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Cal
         opts = ServerOptions(
             cfg.model_dir,
             kv_dtype,
-            artifact=cfg.artifact if preset is not None and preset.method == "spectralquant" else None,
+            artifact=cfg.artifact if m.needs_artifact else None,
             dtype=dtype,
             max_model_len=max_len,
             max_num_batched_tokens=cfg.prefill_chunk,
             max_num_seqs=min(cfg.prefill_chunk, 64),
             kv_cache_gib=cfg.kv_cache_gib,
             enable_prefix_caching=False,  # every score must come from this request's own cache
-            sink_tokens=cfg.sink_tokens,
+            sink_tokens=None if m.emulated else cfg.sink_tokens,
             extra_args=list(cfg.extra_server_args),
         )
         t0 = time.monotonic()
         log(f"  {kv_dtype}: starting vllm serve")
         with VllmServer(opts) as server:
             client = server.client(timeout=3600)
-            ppl = perplexity(client, windows, concurrency=4, first_scored=cfg.prefill_chunk + 1)
+            parts = window_nlls(client, windows, concurrency=4, first_scored=cfg.prefill_chunk + 1)
             greedy = greedy_many(client, prompts, cfg.greedy_tokens, concurrency=8)
             needle_rate, needles = pass_rate(client, trials)
             capacity = server.kv_capacity_tokens()
-            if preset is not None and "SpectralQuant" not in server.log():
+            server_log = server.log()
+            if m.preset is not None and "SpectralQuant" not in server_log:
                 raise EvalError(f"{kv_dtype}: the server log shows no SpectralQuant backend; the compressed path did not run")
-        bytes_per = 4 * head_dim if preset is None else preset.slot_bytes(head_dim)
+        if m.preset is None:
+            bytes_per: float = full_bytes
+        elif m.emulated:
+            bytes_per = emulated_bytes(server_log, kv_dtype)
+        else:
+            bytes_per = get_preset(m.preset).slot_bytes(head_dim)
+        ppl = math.exp(sum(p[0] for p in parts) / sum(p[1] for p in parts))
         res = MethodResult(
-            method=method,
-            preset=None if preset is None else preset.name,
+            method=m.method,
+            preset=m.preset,
             kv_cache_dtype=kv_dtype,
-            bytes_per_head_token=bytes_per,
-            compression=round(4 * head_dim / bytes_per, 3),
+            bytes_per_head_token=round(bytes_per, 3),
+            compression=round(full_bytes / bytes_per, 3),
             ppl=round(ppl, 4),
             ppl_delta_pct=None,
             needle_pass_rate=round(needle_rate, 4),
@@ -178,6 +250,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Cal
             kv_capacity_vs_bf16=None,
             needles=needles,
             seconds=round(time.monotonic() - t0, 1),
+            window_nll=[round(nll / n, 7) for nll, n in parts],
         )
         if ref is None:
             if resumed_ref is not None and res.ppl != resumed_ref.ppl:
@@ -190,14 +263,22 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Cal
             res.ppl_delta_pct = 0.0
             res.kv_capacity_vs_bf16 = 1.0 if dtype != "float32" else 0.5
         else:
-            res.ppl_delta_pct = round(100 * (ppl / ref.ppl - 1), 3)
+            delta, se = paired_delta(res.window_nll, ref.window_nll)
+            res.ppl_delta_pct = round(delta, 3)
+            res.ppl_delta_se_pct = None if se is None else round(se, 3)
             res.greedy_agreement = round(sum(common_prefix(a, b) / len(b) for a, b in zip(greedy, ref_greedy)) / len(ref_greedy), 4)
-            if capacity and ref_bf16_capacity:
+            if m.emulated:
+                # The dense emulation's own capacity is not the format's: count the format's bytes instead.
+                res.kv_capacity_source = "analytic (bytes)"
+                res.kv_capacity_vs_bf16 = round(full_bytes / bytes_per, 3)
+                res.kv_capacity_tokens = int(ref_bf16_capacity * full_bytes / bytes_per) if ref_bf16_capacity else None
+            elif capacity and ref_bf16_capacity:
                 res.kv_capacity_vs_bf16 = round(capacity / ref_bf16_capacity, 3)
-            if res.ppl == ref.ppl:
+            if res.ppl == ref.ppl and res.window_nll == ref.window_nll:
                 raise EvalError(f"{kv_dtype}: perplexity equals the reference exactly; the compressed path did not run")
-        log(f"  {kv_dtype}: ppl {res.ppl:.3f} ({res.ppl_delta_pct:+.2f} %), needles {res.needle_pass_rate:.2f}, "
-            f"agreement {res.greedy_agreement:.2f}, capacity {capacity} tokens ({res.seconds:.0f}s)")
+        se_text = f" ± {res.ppl_delta_se_pct:.2f}" if res.ppl_delta_se_pct is not None else ""
+        log(f"  {kv_dtype}: ppl {res.ppl:.3f} ({res.ppl_delta_pct:+.2f}{se_text} %), needles {res.needle_pass_rate:.2f}, "
+            f"agreement {res.greedy_agreement:.2f}, capacity {res.kv_capacity_tokens} tokens ({res.seconds:.0f}s)")
         results.append(res)
         if on_result is not None:
             on_result(_report(cfg, dtype, windows, prompts, trials, results, complete=False))
@@ -233,5 +314,36 @@ def _report(cfg: EvalConfig, dtype: str, windows, prompts, trials, results: list
                                   "so every scored query attends over packed context"},
         "needle": {"trials": [{"context_tokens": t.context_tokens, "depth": t.depth} for t in trials]},
         "greedy": {"prompts": len(prompts), "tokens": cfg.greedy_tokens, "agreement": "mean common-prefix fraction with the reference"},
+        "spread": f"Δ ppl ± its standard error over the {len(windows)} windows (per-window mean NLL paired with the reference)",
         "results": [asdict(r) for r in results],
+        "noise_floor": noise_floor(results),
+        "goal": goal_check(results),
     }
+
+
+def noise_floor(results: Sequence[MethodResult]) -> dict:
+    """What harmless changes score: the noise-floor rows (bf16_rounded) and fp8 against bf16_rounded."""
+    by = {r.preset: r for r in results if r.preset is not None}
+    floor = {r.preset: {"ppl_delta_pct": r.ppl_delta_pct, "ppl_delta_se_pct": r.ppl_delta_se_pct,
+                        "needle_pass_rate": r.needle_pass_rate, "greedy_agreement": r.greedy_agreement}
+             for r in results if r.method == "noise_floor"}
+    out: dict = {"rows": floor}
+    base = by.get("bf16_rounded")
+    if base is not None and "fp8" in by and base.window_nll and by["fp8"].window_nll:
+        delta, se = paired_delta(by["fp8"].window_nll, base.window_nll)
+        out["fp8_vs_bf16_rounded"] = {"ppl_delta_pct": round(delta, 3), "ppl_delta_se_pct": None if se is None else round(se, 3)}
+    return out
+
+
+def goal_check(results: Sequence[MethodResult]) -> list[dict]:
+    """Each SpectralQuant preset against each emulated vLLM format with the same or more bytes: lower
+    perplexity wins; the margin is also given in standard errors of the paired difference."""
+    checks = []
+    for sq in (r for r in results if r.method == "spectralquant"):
+        for v in (r for r in results if r.method == "vllm" and r.bytes_per_head_token >= sq.bytes_per_head_token):
+            delta, se = paired_delta(sq.window_nll, v.window_nll) if sq.window_nll and v.window_nll else (None, None)
+            checks.append({"spectralquant": sq.preset, "bytes": sq.bytes_per_head_token, "vllm": v.preset, "vllm_bytes": v.bytes_per_head_token,
+                           "ppl": sq.ppl, "vllm_ppl": v.ppl, "lower_ppl": sq.ppl < v.ppl,
+                           "ppl_vs_vllm_pct": None if delta is None else round(delta, 3),
+                           "ppl_vs_vllm_se_pct": None if se is None else round(se, 3)})
+    return checks
