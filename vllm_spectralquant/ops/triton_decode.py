@@ -26,6 +26,8 @@ from vllm_spectralquant.ops.workspace import MAX_SPLITS, DecodeViews, DecodeWork
 
 _TOKENS_PER_TILE = 32
 LOG2E = 1.0 / math.log(2.0)
+#: The window passed for "no sliding window": longer than any context, so seq_len - window < 0 (int32-safe).
+NO_WINDOW = 1 << 30
 
 
 @triton.jit
@@ -42,7 +44,7 @@ def _partial_kernel(
     b = tl.program_id(2)
     nh = tl.num_programs(1)
     seq_len = tl.load(seq_ptr + b)
-    first = tl.maximum(seq_len - window, 0)  # window 0: the whole context
+    first = tl.maximum(seq_len - window, 0)  # NO_WINDOW: 0, the whole context
     per = tl.cdiv(tl.cdiv(seq_len - first, BT), n_splits) * BT
     start = first + split * per
     end = tl.minimum(start + per, seq_len)
@@ -115,7 +117,7 @@ def _merge_kernel(
     dmask = rd < D
     seq_len = tl.load(seq_ptr + b)
     rk = tl.arange(0, SP)
-    kmask = (rk < tl.minimum(n_sink, seq_len)) & (rk >= tl.maximum(seq_len - window, 0))  # window 0: all sinks
+    kmask = (rk < tl.minimum(n_sink, seq_len)) & (rk >= tl.maximum(seq_len - window, 0))  # NO_WINDOW: all sinks
     # Exact sinks from the first block's spill: token k owns bytes [k*4D, (k+1)*4D), K then V.
     entry = cache_ptr + tl.load(bt_ptr + b * s_bt).to(tl.int64) * s_blk + h * s_head
     index = rk[:, None] * (4 * D) + 2 * rd[None, :]
@@ -190,7 +192,7 @@ def decode_attention(
     views = ws.views(bsz, hq, h, d, splits, grow=workspace is None)
     rotate_queries(query[:bsz], kc, softmax_scale, views)
     cache = (kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2))
-    tables = (block_table, block_table.stride(0), seq_lens, 0 if window is None else int(window))
+    tables = (block_table, block_table.stride(0), seq_lens, NO_WINDOW if window is None else int(window))
     _partial_kernel[(splits, h, bsz)](
         views.w16, views.wpar, *cache, *tables, geometry.block_size, geometry.sink_tokens, splits,
         *_coords(kc.key), *_coords(kc.value), views.part_o, views.part_ml, g,
