@@ -186,6 +186,26 @@ class SpectralQuantMetadataBuilder(AttentionMetadataBuilder[SpectralQuantMetadat
         )
 
 
+def refuse_unsupported_layer(
+    alibi_slopes, logits_soft_cap, attn_type, kv_sharing_target_layer_name, extra: dict, sliding_window: int | None = None
+) -> None:
+    """Raise NotImplementedError naming every attention feature of this layer our impls do not serve.
+
+    ``sliding_window`` is refused only where the caller passes it (the packed impl serves windows).
+    """
+    unsupported = {
+        "ALiBi": alibi_slopes is not None,
+        "sliding-window attention": sliding_window is not None,
+        "logits soft-capping": logits_soft_cap not in (None, 0),
+        f"{getattr(attn_type, 'value', attn_type)} attention (only decoder self-attention)": attn_type != AttentionType.DECODER,
+        "KV sharing between layers": kv_sharing_target_layer_name is not None,
+        "attention sinks (learned)": extra.get("sinks") is not None,
+    }
+    bad = [name for name, hit in unsupported.items() if hit]
+    if bad:
+        raise NotImplementedError(unsupported_message(bad))
+
+
 class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
     def __init__(
         self,
@@ -209,16 +229,7 @@ class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
             refusal = served_model(vllm_config.model_config).shape.serving_refusal()
             if refusal:
                 raise NotImplementedError(refusal)
-        unsupported = {
-            "ALiBi": alibi_slopes is not None,
-            "logits soft-capping": logits_soft_cap not in (None, 0),
-            f"{getattr(attn_type, 'value', attn_type)} attention (only decoder self-attention)": attn_type != AttentionType.DECODER,
-            "KV sharing between layers": kv_sharing_target_layer_name is not None,
-            "attention sinks (learned)": extra.get("sinks") is not None,
-        }
-        bad = [name for name, hit in unsupported.items() if hit]
-        if bad:
-            raise NotImplementedError(unsupported_message(bad))
+        refuse_unsupported_layer(alibi_slopes, logits_soft_cap, attn_type, kv_sharing_target_layer_name, extra)
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
                 f"the SpectralQuant backend serves kv-cache dtypes {KV_CACHE_DTYPES}, got {kv_cache_dtype!r} "

@@ -26,7 +26,6 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from vllm_spectralquant.backend import emulated_formats
 from vllm_spectralquant.emulation import EMULATED_DTYPE_PREFIX, get_emulated
-from vllm_spectralquant.models.shape import unsupported_message
 
 logger = logging.getLogger("vllm.spectralquant")
 
@@ -87,17 +86,9 @@ class EmulatedDenseImpl(AttentionImpl):
     ) -> None:
         from vllm.config import get_current_vllm_config_or_none
 
-        unsupported = {
-            "ALiBi": alibi_slopes is not None,
-            "sliding-window attention": sliding_window is not None,
-            "logits soft-capping": logits_soft_cap not in (None, 0),
-            "non-decoder attention": attn_type != AttentionType.DECODER,
-            "KV sharing between layers": kv_sharing_target_layer_name is not None,
-            "attention sinks (learned)": extra.get("sinks") is not None,
-        }
-        bad = [name for name, hit in unsupported.items() if hit]
-        if bad:
-            raise NotImplementedError(unsupported_message(bad))
+        from vllm_spectralquant.backend.attention import refuse_unsupported_layer
+
+        refuse_unsupported_layer(alibi_slopes, logits_soft_cap, attn_type, kv_sharing_target_layer_name, extra, sliding_window)
         vllm_config = get_current_vllm_config_or_none()
         if vllm_config is None:
             raise RuntimeError("SpectralQuant emulation: the attention layer was built outside a vLLM config context")
