@@ -62,8 +62,8 @@ def token_major(cache: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def check_kernels_against_reference(mod, case, layout: str, device: torch.device) -> None:
-    """store_kv, decode_attention and gather_context of ``mod`` (ops.triton_kernels or ops.cuda_ext) vs the reference."""
+def case_batch(case, device: torch.device):
+    """(fresh seed, codec on ``device``, one-token-decode PagedBatch on ``device``) for a CASES entry."""
     name, d, h, g, bs, sink, lens = case
     seed = fresh_seed()
     codec = case_codec(name, d, h, seed)
@@ -71,7 +71,13 @@ def check_kernels_against_reference(mod, case, layout: str, device: torch.device
         codec, lens, [1] * len(lens), block_size=bs, num_query_heads=h * g, sink_tokens=sink, padding_tokens=2,
         seed=seed, device=device,
     )  # fmt: skip
-    codec = codec.to(device)
+    return seed, codec.to(device), batch
+
+
+def check_kernels_against_reference(mod, case, layout: str, device: torch.device) -> None:
+    """store_kv, decode_attention and gather_context of ``mod`` (ops.triton_kernels or ops.cuda_ext) vs the reference."""
+    name, d, h, g, bs, sink, lens = case
+    seed, codec, batch = case_batch(case, device)
     geo = batch.geometry
     cache = batch.kv_cache if layout == "contiguous" else token_major(batch.kv_cache)
     msg = f"seed {seed}"
@@ -132,13 +138,7 @@ def check_windowed_decode_against_reference(mod, window_case, layout: str, devic
     row's window replaced by one block of 0xFF bytes (NaN in every fp16/bf16 field): a kernel that reads
     them, or a sink outside the window, returns NaN or a wrong result."""
     (name, d, h, g, bs, sink, lens), window = window_case
-    seed = fresh_seed()
-    codec = case_codec(name, d, h, seed)
-    batch = random_paged_batch(
-        codec, lens, [1] * len(lens), block_size=bs, num_query_heads=h * g, sink_tokens=sink, padding_tokens=2,
-        seed=seed, device=device,
-    )  # fmt: skip
-    codec = codec.to(device)
+    seed, codec, batch = case_batch(window_case[0], device)
     geo = batch.geometry
     scale = d**-0.5
     ref = paged_attention(
