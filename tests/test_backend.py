@@ -58,7 +58,8 @@ def test_mixed_batch_forward_matches_the_reference(use_config, tiny_artifact, ti
     codec = impl.layer_codec(layer, torch.device("cpu"))
     # Sequences: 2 decodes (40, 1 tokens of context), a first chunk of 9, a continuation of 5 over 30.
     seq_lens, q_lens = [40, 1, 9, 30], [1, 1, 9, 5]
-    batch = random_paged_batch(codec, seq_lens, q_lens, block_size=16, num_query_heads=4, padding_tokens=3, seed=7)
+    batch = random_paged_batch(codec, seq_lens, q_lens, block_size=16, num_query_heads=4, padding_tokens=3, seed=7,
+                               sink_tokens=impl.config.sink_tokens)
     t = batch.num_tokens
     key = torch.randn(t + 3, 2, 32)
     value = torch.randn(t + 3, 2, 32)
@@ -103,7 +104,8 @@ def test_sliding_window_forward_reads_only_the_window(use_config, tiny_artifact,
     vLLM freed before the window (here: pointing at a block of 0xFF bytes, NaN in every field) are never used."""
     from vllm_spectralquant.backend.attention import SpectralQuantMetadata
 
-    use_config(_fake_config(tiny_calib_model_dir, artifact=str(tiny_artifact.artifact)))
+    # One exact sink: with 4-token blocks, more would make every token of a tile's first block exact.
+    use_config(_fake_config(tiny_calib_model_dir, artifact=str(tiny_artifact.artifact), sink_tokens=1))
     window = 8
     impl = _impl(sliding_window=window)
     assert impl.sliding_window == window
@@ -111,7 +113,8 @@ def test_sliding_window_forward_reads_only_the_window(use_config, tiny_artifact,
     codec = impl.layer_codec(layer, torch.device("cpu"))
     # 2 decodes (40 and 3 tokens of context), a first chunk of 20 (longer than the window), a continuation of 5 over 30.
     seq_lens, q_lens = [40, 3, 20, 30], [1, 1, 20, 5]
-    batch = random_paged_batch(codec, seq_lens, q_lens, block_size=4, num_query_heads=4, padding_tokens=3, seed=9)
+    batch = random_paged_batch(codec, seq_lens, q_lens, block_size=4, num_query_heads=4, padding_tokens=3, seed=9,
+                               sink_tokens=impl.config.sink_tokens)
     t = batch.num_tokens
     key, value = torch.randn(t + 3, 2, 32), torch.randn(t + 3, 2, 32)
     qsl = batch.query_start_loc.tolist()
@@ -371,7 +374,8 @@ def test_verify_rows_forward_through_the_decode_path(use_config, tiny_artifact, 
     layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
     codec = impl.layer_codec(layer, torch.device("cpu"))
     seq_lens, q_lens = [33, 4, 60], [3, 3, 3]
-    batch = random_paged_batch(codec, seq_lens, q_lens, block_size=16, num_query_heads=4, seed=11)
+    batch = random_paged_batch(codec, seq_lens, q_lens, block_size=16, num_query_heads=4, seed=11,
+                               sink_tokens=impl.config.sink_tokens)
     t = batch.num_tokens
     calls = []
     real = attention.ops.decode_attention

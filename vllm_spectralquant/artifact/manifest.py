@@ -91,6 +91,20 @@ class PresetEntry(_Strict):
         return v
 
 
+class SinkInfo(_Strict):
+    """Where the calibration windows put their attention sinks (vllm_spectralquant/calibrate/sinks.py)."""
+
+    tokens: int = Field(ge=1, le=16)  # exact leading tokens the backend keeps by default
+    share_by_position: list[float] = Field(min_length=1)  # fraction of windows with a sink at position 0, 1, ...
+
+    @field_validator("share_by_position")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 <= x <= 1.0 for x in v):
+            raise ValueError("share_by_position must hold fractions between 0 and 1")
+        return v
+
+
 class Manifest(_Strict):
     schema_version: Literal[1]
     format_version: int = Field(ge=1)
@@ -100,6 +114,7 @@ class Manifest(_Strict):
     corpus: CorpusInfo
     presets: list[PresetEntry] = Field(min_length=1)
     files: list[FileEntry] = Field(min_length=1)
+    sinks: SinkInfo | None = None  # None: an artifact from before sinks were measured (the preset's default)
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:

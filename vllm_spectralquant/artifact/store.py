@@ -42,6 +42,7 @@ from vllm_spectralquant.artifact.manifest import (
     Manifest,
     ModelFingerprint,
     PresetEntry,
+    SinkInfo,
     preset_file,
 )
 from vllm_spectralquant.format import FORMAT_VERSION
@@ -91,6 +92,7 @@ def write_artifact(
     presets: dict[str, tuple[PresetEntry, dict[str, torch.Tensor]]],
     write_extras: Callable[[Path], Iterable[Path]] | None = None,
     overwrite: bool = False,
+    sinks: SinkInfo | None = None,
 ) -> Path:
     """Write a complete artifact atomically and return its path.
 
@@ -124,6 +126,7 @@ def write_artifact(
             corpus=corpus,
             presets=[entry for entry, _ in presets.values()],
             files=files,
+            sinks=sinks,
         )
         with open(stage / MANIFEST_NAME, "w", encoding="utf-8") as f:
             f.write(manifest.model_dump_json(indent=2))

@@ -5,7 +5,8 @@ returns the preset, the sink policy (hence the cache geometry of any block size)
 presets, the artifact binding (which artifact, verified against which model). It is a function of its
 arguments, cached by them, like vLLM's ``TurboQuantConfig.from_cache_dtype``; nothing is recorded as a
 side effect. ``SpectralQuantConfig.from_vllm_config`` reads those arguments from vLLM's config (the
-``--additional-config '{"spectralquant": {"artifact": DIR, "sink_tokens": N}}'`` options, the model),
+``--additional-config '{"spectralquant": {"artifact": DIR, "sink_tokens": N}}'`` options, the model;
+``sink_tokens`` defaults to what calibration measured, ``manifest.sinks``),
 and the cache spec and the attention impl both derive what they need from it, in any order:
 
 * ``SpectralQuantBackend.customize_spec`` needs the geometry only (no artifact is loaded);
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_spectralquant.artifact import Artifact, default_artifact_dir, load_artifact
+from vllm_spectralquant.artifact import Artifact, ArtifactError, default_artifact_dir, load_artifact, read_manifest
 from vllm_spectralquant.artifact.fingerprint import fingerprint, read_config
 from vllm_spectralquant.artifact.manifest import ModelFingerprint
 from vllm_spectralquant.errors import SpectralQuantError
@@ -122,7 +123,9 @@ class SpectralQuantConfig:
                     f'\'{{"{CONFIG_KEY}": {{"artifact": "DIR"}}}}\' ({where})'
                 )
             binding = ArtifactBinding(path, preset.name, model)
-        config = cls(preset, head_size, preset.sink_tokens if sink_tokens is None else int(sink_tokens), binding)
+        if sink_tokens is None:
+            sink_tokens = preset.sink_tokens if binding is None else calibrated_sink_tokens(binding.path, preset)
+        config = cls(preset, head_size, int(sink_tokens), binding)
         with _lock:
             new = key not in _configs
             config = _configs.setdefault(key, config)
@@ -215,6 +218,19 @@ _lock = threading.Lock()
 _configs: dict[tuple, SpectralQuantConfig] = {}
 _artifacts: dict[ArtifactBinding, Artifact] = {}
 _models: dict[str, ServedModel] = {}
+
+
+def calibrated_sink_tokens(artifact: Path, preset: Preset) -> int:
+    """The exact leading tokens the artifact's calibration measured (``manifest.sinks``), else the preset's.
+
+    An unreadable manifest falls back to the preset's default here: loading the artifact at startup
+    then fails with the message that names the problem.
+    """
+    try:
+        sinks = read_manifest(artifact).sinks
+    except ArtifactError:
+        return preset.sink_tokens
+    return preset.sink_tokens if sinks is None else sinks.tokens
 
 
 def serving_options(vllm_config: Any) -> dict:

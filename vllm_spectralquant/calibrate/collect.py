@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_spectralquant.calibrate.fit import LayerBasis, update_histograms
+from vllm_spectralquant.calibrate.sinks import key_outlier_scores
 from vllm_spectralquant.calibrate.stats import LayerHistograms, LayerStats
 from vllm_spectralquant.models.capture import run_with_capture
 from vllm_spectralquant.models.shape import ModelShape
@@ -44,14 +45,20 @@ class ModelStats:
     tokens: int
     forward_seconds: float = 0.0  # model forward (capture included)
     stats_seconds: float = 0.0  # accumulating the sums and samples
+    #: float32 [windows, T]: each token's key outlier score, maximised over layers (calibrate/sinks.py).
+    key_outliers: torch.Tensor | None = None
 
     def merge(self, other: ModelStats) -> ModelStats:
+        outliers = None
+        if self.key_outliers is not None and other.key_outliers is not None:
+            outliers = torch.cat([self.key_outliers, other.key_outliers])
         return ModelStats(
             [a.merge(b) for a, b in zip(self.layers, other.layers)],
             [a.merge(b) for a, b in zip(self.samples, other.samples)],
             self.tokens + other.tokens,
             self.forward_seconds + other.forward_seconds,
             self.stats_seconds + other.stats_seconds,
+            outliers,
         )
 
 
@@ -83,19 +90,21 @@ def collect_batch(
     keep = use & (((ids[:, None] * t + pos_in_window[None, :]) % sample_stride) == 0)
 
     stats_seconds = 0.0
+    key_outliers = torch.zeros(b, t)
 
     def on_qkv(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         nonlocal stats_seconds
         t = time.perf_counter()
         layers[layer].update(q[use], k[use], v[use])
         samples[layer] = KVSample(k[keep].contiguous(), v[keep].contiguous())
+        torch.maximum(key_outliers, key_outlier_scores(k).cpu(), out=key_outliers)
         stats_seconds += time.perf_counter() - t
 
     positions = torch.as_tensor(list(position_offsets), dtype=torch.long)[:, None] + pos_in_window[None, :]
     started = time.perf_counter()
     run_with_capture(model, windows, on_qkv, position_ids=positions, return_logits=False)
     total = time.perf_counter() - started
-    return ModelStats(layers, samples, int(use.sum()), total - stats_seconds, stats_seconds)
+    return ModelStats(layers, samples, int(use.sum()), total - stats_seconds, stats_seconds, key_outliers)
 
 
 def histograms_from_samples(bases: Sequence[LayerBasis], samples: Sequence[KVSample]) -> list[LayerHistograms]:

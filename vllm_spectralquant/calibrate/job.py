@@ -23,13 +23,14 @@ import torch
 
 from vllm_spectralquant.artifact.errors import ArtifactError
 from vllm_spectralquant.artifact.fingerprint import fingerprint, read_config
-from vllm_spectralquant.artifact.manifest import CorpusInfo, PresetEntry, preset_file
+from vllm_spectralquant.artifact.manifest import CorpusInfo, PresetEntry, SinkInfo, preset_file
 from vllm_spectralquant.artifact.schema import COMPONENTS, tensor_name
 from vllm_spectralquant.artifact.store import check_destination, default_artifact_dir, write_artifact
 from vllm_spectralquant.calibrate.collect import ModelStats
 from vllm_spectralquant.calibrate.errors import CalibrationError
 from vllm_spectralquant.calibrate.fit import DEFAULT_KEY_WEIGHT
 from vllm_spectralquant.calibrate.pipeline import ModelFit, collect_in_process, fit_model
+from vllm_spectralquant.calibrate.sinks import choose_sink_tokens, sink_positions
 from vllm_spectralquant.corpus import corpus_sha256, read_corpus, tokenize_corpus
 from vllm_spectralquant.extras import require as require_extras
 from vllm_spectralquant.format.presets import PRESETS, Preset
@@ -228,11 +229,12 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
 
     t2 = time.perf_counter()
     fit = fit_model(stats, shape, presets, key_weight_scale=cfg.key_weight)
+    sinks = measure_sinks(stats)
     seconds["fit"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
     bases_tensors, preset_tensors = artifact_tensors(fit)
-    report_data = build_report_data(cfg, fit, corpus, seconds)
+    report_data = build_report_data(cfg, fit, corpus, seconds, sinks)
 
     def write_extras(stage: Path):
         from vllm_spectralquant.calibrate.report import write_report
@@ -248,10 +250,18 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
         presets=preset_tensors,
         write_extras=write_extras,
         overwrite=cfg.overwrite,
+        sinks=sinks,
     )
     seconds["write"] = time.perf_counter() - t3
     seconds["total"] = time.perf_counter() - t0
     return CalibrationResult(path, fit, stats.tokens, seconds)
+
+
+def measure_sinks(stats: ModelStats) -> SinkInfo:
+    """The sink policy the calibration windows call for (calibrate/sinks.py)."""
+    is_sink = sink_positions(stats.key_outliers)
+    share = is_sink.float().mean(0)
+    return SinkInfo(tokens=choose_sink_tokens(is_sink), share_by_position=[round(float(x), 4) for x in share])
 
 
 def expected_rel_mse(fit: ModelFit, preset: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,7 +310,7 @@ def artifact_tensors(fit: ModelFit) -> tuple[dict[str, torch.Tensor], dict[str, 
     return bases, presets
 
 
-def build_report_data(cfg: CalibrationConfig, fit: ModelFit, corpus: CorpusInfo, seconds: dict[str, float]):
+def build_report_data(cfg: CalibrationConfig, fit: ModelFit, corpus: CorpusInfo, seconds: dict[str, float], sinks: SinkInfo | None = None):
     """A function seconds -> ReportData (the timings are only final when the report is written)."""
     from vllm_spectralquant.calibrate.report import PresetReport, ReportData
 
@@ -344,6 +354,8 @@ def build_report_data(cfg: CalibrationConfig, fit: ModelFit, corpus: CorpusInfo,
             key_mean_energy=energy_share("key"),
             value_mean_energy=energy_share("value"),
             presets=presets,
+            sink_tokens=None if sinks is None else sinks.tokens,
+            sink_share=None if sinks is None else sinks.share_by_position,
         )
 
     return make

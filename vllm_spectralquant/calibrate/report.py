@@ -71,6 +71,8 @@ class ReportData:
     key_mean_energy: torch.Tensor  # float64 [L, H]  |mean|^2 / E|x|^2 (share of the mean in the uncentered energy)
     value_mean_energy: torch.Tensor  # float64 [L, H]
     presets: list[PresetReport]
+    sink_tokens: int | None = None  # exact leading tokens the calibration windows call for
+    sink_share: list[float] | None = None  # fraction of windows with a sink at position 0, 1, ...
 
 
 # --- effective dimension ------------------------------------------------------------------------
@@ -266,6 +268,14 @@ def _markdown(data: ReportData, pr_key: torch.Tensor, pr_value: torch.Tensor) ->
         f"{data.num_kv_heads} KV heads, head_dim {D}",
         f"- **Calibration**: {data.tokens:,} tokens of {data.corpus}, positions up to {data.max_position:,}",
         f"- **Timings**: {timings}",
+    ]
+    if data.sink_tokens is not None:
+        share = ", ".join(f"{i}: {x:.0%}" for i, x in enumerate(data.sink_share or []) if x > 0) or "none found"
+        out += [
+            f"- **Attention sinks**: the first {data.sink_tokens} token(s) of every sequence are kept exact "
+            f"(windows with a sink at each leading position: {share})",
+        ]
+    out += [
         "",
         "## Summary",
         "",

@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""Where a preset loses perplexity: the eval's windows through transformers with a simulated packed cache.
+
+Runs the model with transformers (no vLLM) on the same held-out windows as ``spectralquant eval`` and
+replaces attention by what serving computes with chunked prefill: a query in chunk ``c`` attends
+over its own chunk's raw K/V and over the earlier chunks' K/V decoded from packed slots (the first
+``sink_tokens`` positions exact). Only tokens predicted from the second chunk on are scored, as in
+the eval, so the per-window perplexity is directly comparable (up to vLLM's numerics).
+
+Per window it reports the NLL change; with ``--per-layer`` it also reports the attention-output
+error per layer (simulated vs exact K/V, same queries) and the NLL change when only one group of
+layers is compressed; with ``--keep-outliers N`` it keeps the N most outlying tokens of every
+16-token block exact (ranked by the key's largest |coordinate| in the calibrated frame), to price
+that format idea before building it.
+
+    python bench/quality_probe.py --model DIR --preset sq3bit [--windows 3] [--per-layer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vllm_spectralquant.artifact.store import default_artifact_dir, load_artifact
+from vllm_spectralquant.corpus import read_corpus, split_halves, split_windows
+from vllm_spectralquant.format.codec import decode_slots, encode_slots
+from vllm_spectralquant.format.paged import SINK_DTYPE
+from vllm_spectralquant.models.capture import load_model
+from vllm_spectralquant.models.shape import ModelShape
+
+PROBE_ATTN = "spectralquant_probe"
+
+
+class SimulatedCache:
+    """Per-layer K/V roundtrip and chunked-prefill attention; ``layers`` limits which layers are compressed."""
+
+    def __init__(self, codecs, chunk: int, sink_tokens: int, keep_outliers: int = 0, block: int = 16,
+                 outlier_rank: str = "key_max", keys_only: bool = False):
+        self.codecs, self.chunk, self.sinks = codecs, chunk, sink_tokens
+        self.keep_outliers, self.block, self.outlier_rank = keep_outliers, block, outlier_rank
+        self.keys_only = keys_only
+        self.layers: set[int] | None = None  # None: every layer
+        self.errors: dict[int, list[float]] = {}  # layer -> [err2, ref2] of the attention output
+        self.key_err: dict[int, torch.Tensor] = {}  # layer -> [T, H] relative key error per token
+        self.mass: dict[int, torch.Tensor] = {}  # layer -> [T] attention mass each key receives (exact)
+        self.collect = False
+
+    def roundtrip(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [T, H, D] float32 -> decoded [T, H, D] with sinks (and kept outliers) exact in bf16."""
+        codec = self.codecs[layer]
+        kh, vh = decode_slots(encode_slots(k, v, codec), codec)
+        exact = torch.zeros(k.shape[0], k.shape[1], dtype=torch.bool)
+        exact[: self.sinks] = True
+        if self.keep_outliers:
+            t, h, _ = k.shape
+            if self.outlier_rank == "key_err":
+                score = ((kh - k).norm(dim=-1) / k.norm(dim=-1).clamp(min=1e-9))
+            elif self.outlier_rank == "key_abs_err":
+                score = (kh - k).norm(dim=-1)
+            else:
+                rn = torch.einsum("thd,hde->the", k - codec.key.mean, codec.key.basis) / codec.key.scale
+                score = rn.abs().amax(-1)  # [T, H]
+            nb = -(-t // self.block)
+            pad = nb * self.block - t
+            s = torch.nn.functional.pad(score.T, (0, pad), value=-1.0).reshape(h, nb, self.block)
+            top = s.topk(min(self.keep_outliers, self.block), dim=-1).indices  # [H, nb, n]
+            pos = (top + torch.arange(nb).view(1, -1, 1) * self.block).reshape(h, -1)
+            for head in range(h):
+                p = pos[head][pos[head] < t]
+                exact[p, head] = True
+        kb, vb = k.to(SINK_DTYPE).float(), v.to(SINK_DTYPE).float()
+        e = exact[..., None]
+        if self.collect:
+            self.key_err[layer] = ((kh - k).norm(dim=-1) / k.norm(dim=-1).clamp(min=1e-9))
+        ev = e if not self.keys_only else exact[..., None] & (torch.arange(k.shape[0]) < self.sinks).view(-1, 1, 1)
+        return torch.where(e, kb, kh), torch.where(ev, vb, vh)
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        """query [B, Hq, T, D], key/value [B, H, T, D] -> ([B, T, Hq, D], None)."""
+        layer = module.layer_idx
+        b, hq, t, d = query.shape
+        g = hq // key.shape[1]
+        scale = scaling if scaling is not None else d**-0.5
+        outs = []
+        pos = torch.arange(t)
+        start = (pos // self.chunk) * self.chunk  # the chunk start of each query
+        causal = pos[None, :] <= pos[:, None]
+        for i in range(b):
+            k, v = key[i].transpose(0, 1).float(), value[i].transpose(0, 1).float()  # [T, H, D]
+            q = query[i].float()
+            exact_out = _sdpa(q, k, v, causal, scale, g)
+            if self.layers is not None and layer not in self.layers:
+                outs.append(exact_out)
+                continue
+            kq, vq = self.roundtrip(layer, k, v)
+            # Keys: [packed copies of all T; raw copies of all T]; a query sees packed keys before its
+            # chunk and raw keys inside its chunk up to itself.
+            packed_ok = pos[None, :] < start[:, None]
+            raw_ok = causal & (pos[None, :] >= start[:, None])
+            mask = torch.cat([packed_ok, raw_ok], dim=1)
+            out = _sdpa(q, torch.cat([kq, k]), torch.cat([vq, v]), mask, scale, g)
+            if self.collect:
+                e = self.errors.setdefault(layer, [0.0, 0.0])
+                sel = pos >= self.chunk
+                e[0] += float(((out - exact_out)[:, sel] ** 2).sum())
+                e[1] += float((exact_out[:, sel] ** 2).sum())
+                kr = k.repeat_interleave(g, dim=1).transpose(0, 1)
+                p = torch.softmax((q @ kr.transpose(-1, -2)) * scale + torch.where(causal, 0.0, -math.inf), -1)
+                self.mass[layer] = p[:, self.chunk:].mean((0, 1))  # mean over heads and scored queries
+            outs.append(out)
+        return torch.stack(outs).transpose(1, 2).to(query.dtype), None
+
+
+def _sdpa(q, k, v, mask, scale, g):
+    """q [Hq, T, D]; k, v [S, H, D]; mask bool [T, S] -> [Hq, T, D]."""
+    kh = k.repeat_interleave(g, dim=1).transpose(0, 1)
+    vh = v.repeat_interleave(g, dim=1).transpose(0, 1)
+    return torch.nn.functional.scaled_dot_product_attention(q, kh, vh, attn_mask=mask, scale=scale)
+
+
+def window_nll(model, ids: torch.Tensor, first_scored: int) -> float:
+    """Mean NLL (nats) of tokens ids[first_scored:] given the window."""
+    with torch.no_grad():
+        logits = model(input_ids=ids[None], use_cache=False).logits[0].float()
+    lp = torch.log_softmax(logits[first_scored - 1 : -1], -1)
+    return float(-lp.gather(1, ids[first_scored:, None]).mean())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--artifact", type=Path)
+    ap.add_argument("--preset", default="sq3bit")
+    ap.add_argument("--ppl-windows", type=int, default=6)
+    ap.add_argument("--window-tokens", type=int, default=512)
+    ap.add_argument("--windows", type=int, nargs="*", help="indices of the windows to run (default: all)")
+    ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--sink-tokens", type=int, default=1)
+    ap.add_argument("--keep-outliers", type=int, nargs="*", default=[0],
+                    help="variants: exact tokens per 16-token block, besides the sinks")
+    ap.add_argument("--outlier-rank", choices=["key_max", "key_err", "key_abs_err"], default="key_max")
+    ap.add_argument("--outlier-block", type=int, default=16, help="tokens per block the outliers are chosen in")
+    ap.add_argument("--outlier-keys-only", action="store_true", help="kept outliers: exact keys, coded values")
+    ap.add_argument("--per-layer", action="store_true", help="attention error per layer and NLL per layer group")
+    ap.add_argument("--layer-groups", type=int, default=4)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+
+    from transformers import AttentionInterface
+
+    t0 = time.time()
+    torch.manual_seed(0)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    model, tok = load_model(args.model)
+    shape = ModelShape.from_config(model.config)
+    art = load_artifact(args.artifact or default_artifact_dir(args.model), presets=[args.preset])
+    codecs = [art.layer_codec(args.preset, i) for i in range(shape.num_layers)]
+    ids = torch.tensor(tok(read_corpus(None), add_special_tokens=False)["input_ids"])
+    _, held = split_halves(ids)
+    prefix = tok("", add_special_tokens=True)["input_ids"]
+    windows = [torch.tensor(prefix + w.tolist()) for w in split_windows(held, args.window_tokens, args.ppl_windows)]
+    chosen = args.windows if args.windows else list(range(len(windows)))
+    first = len(prefix) + args.chunk + 1
+
+    ref = {}
+    model.set_attn_implementation("sdpa")
+    for w in chosen:
+        ref[w] = window_nll(model, windows[w], first)
+    print("reference NLL per window: " + " ".join(f"{w}:{ref[w]:.4f}" for w in chosen), flush=True)
+
+    rows = []
+    for keep in args.keep_outliers:
+        sim = SimulatedCache(codecs, args.chunk, args.sink_tokens, keep, block=args.outlier_block,
+                             outlier_rank=args.outlier_rank, keys_only=args.outlier_keys_only)
+        AttentionInterface.register(PROBE_ATTN, sim.attention)
+        model.set_attn_implementation(PROBE_ATTN)
+        row = {"keep_outliers": keep, "windows": {}}
+        for w in chosen:
+            sim.collect = args.per_layer
+            nll = window_nll(model, windows[w], first)
+            entry = {"ref_nll": ref[w], "nll": nll, "delta_pct": 100 * (math.exp(nll - ref[w]) - 1)}
+            if args.per_layer:
+                entry["attn_rel_err"] = [math.sqrt(sim.errors[i][0] / max(sim.errors[i][1], 1e-30)) for i in range(shape.num_layers)]
+                # The tokens that receive the most attention beyond position 0, and their key error there.
+                top = []
+                for i in range(shape.num_layers):
+                    m = sim.mass[i]
+                    idx = m.topk(4).indices.tolist()
+                    top.append([(j, round(float(m[j]), 3), round(float(sim.key_err[i][j].max()), 3),
+                                 tok.decode([int(windows[w][j])])) for j in idx])
+                entry["top_mass_tokens"] = top
+                sim.collect = False
+                n = shape.num_layers
+                bounds = [round(n * g / args.layer_groups) for g in range(args.layer_groups + 1)]
+                groups = {}
+                for a, b in zip(bounds, bounds[1:]):
+                    sim.layers = set(range(a, b))
+                    gn = window_nll(model, windows[w], first)
+                    groups[f"{a}-{b - 1}"] = 100 * (math.exp(gn - ref[w]) - 1)
+                sim.layers = None
+                entry["delta_pct_by_layer_group"] = groups
+            row["windows"][w] = entry
+            print(f"keep {keep}: window {w}: NLL {ref[w]:.4f} -> {nll:.4f} ({entry['delta_pct']:+.2f} % ppl)", flush=True)
+            if args.per_layer:
+                errs = entry["attn_rel_err"]
+                print("  attention rel. err per layer: " + " ".join(f"{e:.3f}" for e in errs))
+                print("  ppl change, one layer group compressed: " + ", ".join(f"{k}: {v:+.2f} %" for k, v in entry["delta_pct_by_layer_group"].items()))
+                for i in sorted(range(len(errs)), key=lambda i: -errs[i])[:4]:
+                    print(f"  layer {i}: err {errs[i]:.3f}; most-attended keys (pos, mass, key rel err, token): {entry['top_mass_tokens'][i]}")
+        d = [row["windows"][w]["nll"] - ref[w] for w in chosen]
+        row["delta_pct"] = 100 * (math.exp(sum(d) / len(d)) - 1)
+        print(f"keep {keep}: mean over windows {row['delta_pct']:+.2f} % ppl", flush=True)
+        rows.append(row)
+
+    out = {"model": args.model.name, "preset": args.preset, "date": datetime.date.today().isoformat(),
+           "window_tokens": args.window_tokens, "chunk": args.chunk, "sink_tokens": args.sink_tokens,
+           "outlier_rank": args.outlier_rank, "seconds": round(time.time() - t0, 1), "rows": rows}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        tmp.replace(args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
