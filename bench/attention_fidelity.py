@@ -25,6 +25,7 @@ import torch
 from vllm_spectralquant.calibrate.fit import DEFAULT_KEY_WEIGHT
 from vllm_spectralquant.calibrate.pipeline import collect_in_process, fit_model
 from vllm_spectralquant.corpus import read_corpus, split_halves, split_windows, tokenize_corpus
+from vllm_spectralquant.files import write_atomic
 from vllm_spectralquant.fidelity import FidelityAccumulator, causal_attention, roundtrip_kv
 from vllm_spectralquant.format import PRESETS, turboquant_codec
 from vllm_spectralquant.format.params import LayerCodec
@@ -141,9 +142,7 @@ def main(argv=None) -> int:
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(args.out)
+    write_atomic(args.out, json.dumps(out, indent=2).encode())
     print(f"\nwrote {args.out} ({out['seconds']}s)")
     return 0
 

@@ -30,6 +30,7 @@ import torch
 
 from vllm_spectralquant.artifact.store import default_artifact_dir, load_artifact
 from vllm_spectralquant.corpus import read_corpus, split_halves, split_windows
+from vllm_spectralquant.files import write_atomic
 from vllm_spectralquant.format.codec import decode_slots, encode_slots
 from vllm_spectralquant.format.paged import SINK_DTYPE
 from vllm_spectralquant.models.capture import load_model
@@ -224,10 +225,7 @@ def main(argv=None) -> int:
            "outlier_rank": args.outlier_rank, "seconds": round(time.time() - t0, 1), "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        tmp.replace(args.out)
-        print(f"wrote {args.out}")
+        print(f"wrote {write_atomic(args.out, json.dumps(out, indent=1).encode())}")
     return 0
 
 
