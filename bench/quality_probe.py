@@ -47,6 +47,7 @@ class SimulatedCache:
         self.codecs, self.chunk, self.sinks = codecs, chunk, sink_tokens
         self.keep_outliers, self.block, self.outlier_rank = keep_outliers, block, outlier_rank
         self.keys_only = keys_only
+        self.exact_component: str | None = None  # "key" / "value": that component is not compressed at all
         self.layers: set[int] | None = None  # None: every layer
         self.errors: dict[int, list[float]] = {}  # layer -> [err2, ref2] of the attention output
         self.key_err: dict[int, torch.Tensor] = {}  # layer -> [T, H] relative key error per token
@@ -76,6 +77,10 @@ class SimulatedCache:
             for head in range(h):
                 p = pos[head][pos[head] < t]
                 exact[p, head] = True
+        if self.exact_component == "key":
+            kh = k
+        elif self.exact_component == "value":
+            vh = v
         kb, vb = k.to(SINK_DTYPE).float(), v.to(SINK_DTYPE).float()
         e = exact[..., None]
         if self.collect:
@@ -149,6 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--outlier-rank", choices=["key_max", "key_err", "key_abs_err"], default="key_max")
     ap.add_argument("--outlier-block", type=int, default=16, help="tokens per block the outliers are chosen in")
     ap.add_argument("--outlier-keys-only", action="store_true", help="kept outliers: exact keys, coded values")
+    ap.add_argument("--exact-component", choices=["key", "value"], help="leave keys or values uncompressed")
     ap.add_argument("--per-layer", action="store_true", help="attention error per layer and NLL per layer group")
     ap.add_argument("--layer-groups", type=int, default=4)
     ap.add_argument("--out", type=Path)
@@ -180,6 +186,7 @@ def main(argv=None) -> int:
     for keep in args.keep_outliers:
         sim = SimulatedCache(codecs, args.chunk, args.sink_tokens, keep, block=args.outlier_block,
                              outlier_rank=args.outlier_rank, keys_only=args.outlier_keys_only)
+        sim.exact_component = args.exact_component
         AttentionInterface.register(PROBE_ATTN, sim.attention)
         model.set_attn_implementation(PROBE_ATTN)
         row = {"keep_outliers": keep, "windows": {}}
