@@ -49,9 +49,13 @@ def test_choice_covers_every_sink_seen_within_bounds():
     assert choose_sink_tokens(late) == MAX_SINK_TOKENS
 
 
-def test_short_windows_are_refused():
-    with pytest.raises(ValueError, match="longer than"):
-        sink_positions(torch.zeros(2, PROBE_POSITIONS))
+def test_short_windows_probe_half_their_tokens():
+    scores = key_outlier_scores(_keys_with_sink([1, None], t=6))
+    is_sink = sink_positions(scores)
+    assert is_sink.shape == (2, 3)
+    assert bool(is_sink[0, 1]) and not bool(is_sink[0, 0])
+    with pytest.raises(ValueError, match="at least 2"):
+        sink_positions(torch.zeros(2, 1))
 
 
 def test_calibration_records_sinks_and_serving_follows_them(tiny_artifact, tmp_path):

@@ -41,12 +41,15 @@ def key_outlier_scores(k: torch.Tensor) -> torch.Tensor:
 
 
 def sink_positions(scores: torch.Tensor) -> torch.Tensor:
-    """Scores [N, T] (T > PROBE_POSITIONS) -> bool [N, PROBE_POSITIONS]: leading tokens SINK_MARGIN times
-    more outlying than every later token of their window."""
-    if scores.shape[1] <= PROBE_POSITIONS:
-        raise ValueError(f"sink detection needs windows longer than {PROBE_POSITIONS} tokens, got {scores.shape[1]}")
-    ordinary = scores[:, PROBE_POSITIONS:].amax(1, keepdim=True)
-    return scores[:, :PROBE_POSITIONS] > SINK_MARGIN * ordinary
+    """Scores [N, T] (T >= 2) -> bool [N, P]: leading tokens more outlying than every later token of their
+    window (times SINK_MARGIN). P = PROBE_POSITIONS, or T // 2 for short windows, so that every window keeps
+    at least as many ordinary tokens as it has probed ones."""
+    n, t = scores.shape
+    if t < 2:
+        raise ValueError(f"sink detection needs windows of at least 2 tokens, got {t}")
+    probe = min(PROBE_POSITIONS, t // 2)
+    ordinary = scores[:, probe:].amax(1, keepdim=True)
+    return scores[:, :probe] > SINK_MARGIN * ordinary
 
 
 def choose_sink_tokens(is_sink: torch.Tensor, minimum: int = 1) -> int:
