@@ -8,16 +8,18 @@ Qwen2.5-Coder starts on a weak token (" been"), the model makes position 1 its s
 with only position 0 exact that window's perplexity goes from 27 to 134 (bench/quality_probe.py).
 
 Calibration windows start at arbitrary corpus positions, so they show where a model puts its sinks.
-Per window we score the first :data:`PROBE_POSITIONS` tokens by how far their key is from the
-window's mean key, in units of the window's RMS deviation (maximum over layers and KV heads); a
-position is a sink of that window when it is more outlying than every later token of the window
-(:data:`SINK_MARGIN` = 1). Measured with this score on 16 windows of 512 tokens: Qwen2.5-Coder's
-position-1 sink scores 1.39x the window's most outlying ordinary token; position 0, where it is the
-sink, 1.03-1.18x (SmolLM2: 1.03-1.09x, so no margin above 1 would find it); ordinary leading tokens of
-real models 0.56-0.96x. No margin, because the two mistakes cost very differently: a needless exact
-token costs 4 * head_dim / block_size bytes per head-token (3-5 % of capacity), a missed sink can cost
-hundreds of percent of perplexity on the prompts that start like that window. (A model with random
-weights has no sinks, and its leading tokens beat the rest by chance: it gets the maximum.)
+Per window we score every key by how far it is from the window's mean key, in units of the window's
+RMS deviation (maximum over layers and KV heads). A window's sink is the most outlying of its first
+:data:`PROBE_POSITIONS` tokens, if it is more outlying than every later token of the window; the cache
+keeps every position up to the furthest sink seen. Measured with this score (ratio to the window's most
+outlying later token): Qwen2.5-Coder's position-1 sink 1.39 (its position 0 there: 0.88); position 0
+where it is the sink 1.03-1.18 (SmolLM2: 1.02-1.11); other leading tokens of real models up to 1.02,
+but never above that window's position 0 (SmolLM2, 32 calibration windows: one position 2 at 1.02 next
+to a position 0 at 1.07, which is why only the most outlying leading token counts). No margin above 1,
+because the two mistakes cost very differently: a needless exact token costs 4 * head_dim / block_size
+bytes per head-token (3-5 % of capacity), a missed sink hundreds of percent of perplexity on the
+prompts that start like that window. (A model with random weights has no sinks, and its leading tokens
+beat the rest by chance.)
 """
 
 from __future__ import annotations
@@ -41,15 +43,18 @@ def key_outlier_scores(k: torch.Tensor) -> torch.Tensor:
 
 
 def sink_positions(scores: torch.Tensor) -> torch.Tensor:
-    """Scores [N, T] (T >= 2) -> bool [N, P]: leading tokens more outlying than every later token of their
-    window (times SINK_MARGIN). P = PROBE_POSITIONS, or T // 2 for short windows, so that every window keeps
-    at least as many ordinary tokens as it has probed ones."""
+    """Scores [N, T] (T >= 2) -> bool [N, P], at most one True per window: its most outlying leading token,
+    where that one is more outlying than every later token (times SINK_MARGIN). P = PROBE_POSITIONS, or
+    T // 2 for short windows, so that every window keeps at least as many later tokens as probed ones."""
     n, t = scores.shape
     if t < 2:
         raise ValueError(f"sink detection needs windows of at least 2 tokens, got {t}")
     probe = min(PROBE_POSITIONS, t // 2)
+    lead = scores[:, :probe]
     ordinary = scores[:, probe:].amax(1, keepdim=True)
-    return scores[:, :probe] > SINK_MARGIN * ordinary
+    top = lead.argmax(1, keepdim=True)
+    is_top = torch.zeros_like(lead, dtype=torch.bool).scatter_(1, top, True)
+    return is_top & (lead > SINK_MARGIN * ordinary)
 
 
 def choose_sink_tokens(is_sink: torch.Tensor, minimum: int = 1) -> int:
