@@ -43,22 +43,19 @@ class ModelStats:
     layers: list[LayerStats]
     samples: list[KVSample]
     tokens: int
+    #: float32 [windows, T]: each token's key outlier score, maximised over layers (calibrate/sinks.py).
+    key_outliers: torch.Tensor
     forward_seconds: float = 0.0  # model forward (capture included)
     stats_seconds: float = 0.0  # accumulating the sums and samples
-    #: float32 [windows, T]: each token's key outlier score, maximised over layers (calibrate/sinks.py).
-    key_outliers: torch.Tensor | None = None
 
     def merge(self, other: ModelStats) -> ModelStats:
-        outliers = None
-        if self.key_outliers is not None and other.key_outliers is not None:
-            outliers = torch.cat([self.key_outliers, other.key_outliers])
         return ModelStats(
             [a.merge(b) for a, b in zip(self.layers, other.layers)],
             [a.merge(b) for a, b in zip(self.samples, other.samples)],
             self.tokens + other.tokens,
+            torch.cat([self.key_outliers, other.key_outliers]),
             self.forward_seconds + other.forward_seconds,
             self.stats_seconds + other.stats_seconds,
-            outliers,
         )
 
 
@@ -104,7 +101,7 @@ def collect_batch(
     started = time.perf_counter()
     run_with_capture(model, windows, on_qkv, position_ids=positions, return_logits=False)
     total = time.perf_counter() - started
-    return ModelStats(layers, samples, int(use.sum()), total - stats_seconds, stats_seconds, key_outliers)
+    return ModelStats(layers, samples, int(use.sum()), key_outliers, total - stats_seconds, stats_seconds)
 
 
 def histograms_from_samples(bases: Sequence[LayerBasis], samples: Sequence[KVSample]) -> list[LayerHistograms]:

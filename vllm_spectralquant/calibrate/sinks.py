@@ -37,7 +37,8 @@ MAX_SINK_TOKENS = 4
 def key_outlier_scores(k: torch.Tensor) -> torch.Tensor:
     """Keys [B, T, H, D] of one layer -> float32 [B, T]: each token's distance from the window's mean key,
     in units of the window's RMS distance, maximised over KV heads."""
-    dev = (k.float() - k.float().mean(1, keepdim=True)).norm(dim=-1)  # [B, T, H]
+    kf = k.float()
+    dev = (kf - kf.mean(1, keepdim=True)).norm(dim=-1)  # [B, T, H]
     rms = dev.pow(2).mean(1, keepdim=True).sqrt().clamp(min=1e-12)
     return (dev / rms).amax(-1)
 
