@@ -13,6 +13,7 @@ pytestmark = pytest.mark.vllm
 from vllm_spectralquant.artifact import ArtifactError  # noqa: E402
 from vllm_spectralquant.backend.config import ServingConfigError, SpectralQuantConfig  # noqa: E402
 from vllm_spectralquant.format import PRESETS  # noqa: E402
+from vllm_spectralquant.format.errors import FormatError  # noqa: E402
 from vllm_spectralquant.format.reference_attention import dense_causal_attention, gather_context  # noqa: E402
 from vllm_spectralquant.format.synthetic import random_paged_batch  # noqa: E402
 
@@ -182,6 +183,23 @@ def test_customize_spec_allocates_packed_bytes(use_config, tiny_calib_model_dir)
     assert out.page_size_bytes == 2 * 128 * (slot + 1)
     bf16 = FullAttentionSpec(block_size=128, num_kv_heads=2, head_size=32, dtype=torch.bfloat16)
     assert SpectralQuantBackend.customize_spec(bf16) is bf16
+
+
+def test_customize_spec_answers_vllms_one_token_sliding_probe(use_config, tiny_calib_model_dir):
+    """vLLM sizes sliding-window layers by asking for a 1-token block first (Gemma 3 with 4 sinks crashed on it)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    from vllm_spectralquant.backend.attention import SpectralQuantBackend
+
+    use_config(_fake_config(tiny_calib_model_dir, sink_tokens=4))
+    _impl("spectralquant_tq2_5bit")
+    slot = PRESETS["tq2_5bit"].slot_bytes(32)
+    probe = SlidingWindowSpec(block_size=1, num_kv_heads=2, head_size=32, dtype=torch.uint8, sliding_window=512)
+    assert SpectralQuantBackend.customize_spec(probe).state_content_bytes == slot + 4 * 128 // 4  # as a 4-token block
+    final = SlidingWindowSpec(block_size=128, num_kv_heads=2, head_size=32, dtype=torch.uint8, sliding_window=512)
+    assert SpectralQuantBackend.customize_spec(final).state_content_bytes == slot + 4  # 4 sinks * 128 B / 128
+    with pytest.raises(FormatError, match=r"sink_tokens \(4\) must be between 0 and the block size \(2\)"):
+        SpectralQuantBackend.customize_spec(FullAttentionSpec(block_size=2, num_kv_heads=2, head_size=32, dtype=torch.uint8))
 
 
 def test_startup_errors_name_the_cause(use_config, tiny_artifact, tiny_calib_model_dir, example_model_dir, tmp_path):

@@ -8,7 +8,7 @@ import torch
 from vllm_spectralquant.artifact import fingerprint_of, load_artifact
 from vllm_spectralquant.artifact.errors import ArtifactError
 from vllm_spectralquant.calibrate.errors import CalibrationError
-from vllm_spectralquant.calibrate.job import CalibrationConfig, calibrate, window_offsets
+from vllm_spectralquant.calibrate.job import CalibrationConfig, calibrate, prepare_windows, window_offsets
 from vllm_spectralquant.cli import main as cli
 from vllm_spectralquant.models.errors import ModelError
 
@@ -41,6 +41,23 @@ def test_windows_spread_over_the_context():
     assert window_offsets(5, 128, 1024) == [0, 224, 448, 672, 896]
     assert window_offsets(1, 128, 1024) == [0]
     assert window_offsets(3, 128, 128) == [0, 0, 0]
+
+
+def test_windows_start_like_served_sequences(tiny_tokenizer, text_corpus, tmp_path):
+    """A tokenizer that adds a BOS gets it at the start of every window (where such a model keeps its sink)."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    cfg = CalibrationConfig(model_dir=tmp_path, out_dir=tmp_path / "a", corpus=text_corpus, tokens=512, window=128)
+    plain, _, info = prepare_windows(cfg, tiny_tokenizer, 1024)
+    assert info.first_token_id is None and (plain[:, 0] != tiny_tokenizer.bos_token_id).all()
+    with_bos = copy.deepcopy(tiny_tokenizer)
+    bos = with_bos.bos_token_id
+    with_bos._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    windows, _, info = prepare_windows(cfg, with_bos, 1024)
+    assert info.first_token_id == bos and (windows[:, 0] == bos).all()
+    assert torch.equal(windows[:, 1:], plain[:, 1:])  # the rest is the same running text
 
 
 def test_existing_output_is_refused_then_overwritten(tmp_path, tiny_calib_model_dir, text_corpus):

@@ -13,6 +13,7 @@ from vllm_spectralquant.corpus import (
     CorpusError,
     corpus_sha256,
     default_corpus_path,
+    leading_special_token,
     read_corpus,
     split_halves,
     split_windows,
@@ -88,6 +89,20 @@ def test_tokenize_corpus(tiny_tokenizer):
     assert ids.dtype == torch.long and ids.ndim == 1 and ids.numel() == 1200
     with pytest.raises(CorpusError):
         tokenize_corpus(tiny_tokenizer, "")
+
+
+def test_leading_special_token(tiny_tokenizer):
+    """Gemma-like tokenizers put a BOS in front of every sequence; SmolLM2-like ones add nothing."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    assert leading_special_token(tiny_tokenizer) is None
+    with_bos = copy.deepcopy(tiny_tokenizer)
+    bos = with_bos.bos_token_id
+    with_bos._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    assert with_bos("ab")["input_ids"][0] == bos
+    assert leading_special_token(with_bos) == bos
 
 
 def test_split_windows():

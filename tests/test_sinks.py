@@ -44,9 +44,14 @@ def test_choice_covers_every_sink_seen_within_bounds():
     at = none.clone()
     at[2, 1] = True  # one window of five sinks at position 1
     assert choose_sink_tokens(at) == 2
+    last = none.clone()
+    last[0, MAX_SINK_TOKENS - 1] = True
+    assert choose_sink_tokens(last) == MAX_SINK_TOKENS
     late = none.clone()
-    late[0, PROBE_POSITIONS - 1] = True
-    assert choose_sink_tokens(late) == MAX_SINK_TOKENS
+    late[0, PROBE_POSITIONS - 1] = True  # beyond what can be kept exact: reported, not paid for
+    assert choose_sink_tokens(late) == 1
+    late[3, 1] = True
+    assert choose_sink_tokens(late) == 2
 
 
 def test_short_windows_probe_half_their_tokens():

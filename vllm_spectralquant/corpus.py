@@ -99,6 +99,19 @@ def tokenize_corpus(tokenizer: Any, text: str) -> torch.Tensor:
     return ids
 
 
+def leading_special_token(tokenizer: Any) -> int | None:
+    """The id a tokenizer puts in front of every sequence it encodes (Gemma's BOS), or None (SmolLM2, Qwen2.5).
+
+    Served requests start with it, so calibration windows must too: it is where such a model puts its
+    attention sink, and without it the model picks an arbitrary early token instead.
+    """
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    special = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    if len(special) == len(plain) + 1 and special[1:] == plain:
+        return int(special[0])
+    return None
+
+
 def _check_ids(ids: torch.Tensor) -> None:
     if not isinstance(ids, torch.Tensor) or ids.ndim != 1:
         shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__

@@ -32,7 +32,7 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
-from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout, SlidingWindowSpec
 
 from vllm_spectralquant import ops
 from vllm_spectralquant.backend.config import SpectralQuantConfig, served_model
@@ -108,7 +108,12 @@ class SpectralQuantBackend(AttentionBackend):
 
         if emulated_cache_dtype(spec.head_size) is not None:
             return replace(spec, state_content_bytes=page_entry_bytes(spec.head_size))
-        geometry = SpectralQuantConfig.for_spec(spec.head_size, spec.block_size).geometry(spec.block_size)
+        config = SpectralQuantConfig.for_spec(spec.head_size)
+        # vLLM probes sliding-window layers with a 1-token block to learn their bytes per token, then
+        # picks their real block size and asks again. A block holds at least the sinks, so the probe is
+        # answered for the smallest block that can (the final call still gets the exact check).
+        probe_block = max(spec.block_size, config.sink_tokens) if isinstance(spec, SlidingWindowSpec) else spec.block_size
+        geometry = config.geometry(probe_block)
         return replace(spec, state_content_bytes=geometry.page_slot_bytes)
 
 

@@ -148,7 +148,7 @@ class SpectralQuantConfig:
         )
 
     @classmethod
-    def for_spec(cls, head_size: int, block_size: int) -> SpectralQuantConfig:
+    def for_spec(cls, head_size: int) -> SpectralQuantConfig:
         """The configuration behind a cache spec (vLLM passes ``customize_spec`` the spec alone).
 
         From vLLM's current config when there is one that names a SpectralQuant dtype; else from the
@@ -162,8 +162,8 @@ class SpectralQuantConfig:
             return cls.from_vllm_config(vllm_config, head_size)
         with _lock:
             known = [c for c in _configs.values() if c.head_size == head_size]
-        geometries = {c.geometry(block_size) for c in known}
-        if len(geometries) > 1:
+        layouts = {(c.preset.slot_bytes(head_size), c.sink_tokens) for c in known}  # what a page's bytes depend on
+        if len(layouts) > 1:
             names = sorted({c.preset.kv_cache_dtype for c in known})
             raise ServingConfigError(f"layers of head size {head_size} ask for different SpectralQuant caches {names}; use one kv-cache dtype")
         if not known:

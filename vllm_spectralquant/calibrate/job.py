@@ -31,7 +31,7 @@ from vllm_spectralquant.calibrate.errors import CalibrationError
 from vllm_spectralquant.calibrate.fit import DEFAULT_KEY_WEIGHT
 from vllm_spectralquant.calibrate.pipeline import ModelFit, collect_in_process, fit_model
 from vllm_spectralquant.calibrate.sinks import choose_sink_tokens, sink_positions
-from vllm_spectralquant.corpus import corpus_sha256, read_corpus, tokenize_corpus
+from vllm_spectralquant.corpus import corpus_sha256, leading_special_token, read_corpus, tokenize_corpus
 from vllm_spectralquant.extras import require as require_extras
 from vllm_spectralquant.format.presets import PRESETS, Preset
 from vllm_spectralquant.models.errors import ModelError
@@ -142,7 +142,12 @@ def prepare_windows(
             f"({num} windows of {cfg.window}); use a larger corpus or fewer --tokens"
         )
     max_position = cfg.max_position or max_context
-    windows = ids[:need].view(num, cfg.window)
+    windows = ids[:need].view(num, cfg.window).clone()
+    first = leading_special_token(tokenizer)
+    if first is not None:
+        # Served sequences start with it (Gemma's BOS); it takes the place of a corpus token that
+        # skip_first would leave out of the statistics anyway.
+        windows[:, 0] = first
     info = CorpusInfo(
         source=str(cfg.corpus) if cfg.corpus else "lee_background (gensim test data)",
         sha256=corpus_sha256(text),
@@ -151,6 +156,7 @@ def prepare_windows(
         max_position=max_position,
         skip_first_tokens=cfg.skip_first,
         key_weight=cfg.key_weight,
+        first_token_id=first,
     )
     return windows, window_offsets(num, cfg.window, max_position), info
 

@@ -22,6 +22,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from vllm_spectralquant.calibrate.sinks import MAX_SINK_TOKENS
 from vllm_spectralquant.files import save_figure, write_atomic
 
 #: Coordinates per group; one bit more for a group costs one byte.
@@ -273,7 +274,8 @@ def _markdown(data: ReportData, pr_key: torch.Tensor, pr_value: torch.Tensor) ->
         share = ", ".join(f"{i}: {x:.0%}" for i, x in enumerate(data.sink_share or []) if x > 0) or "none found"
         out += [
             f"- **Attention sinks**: the first {data.sink_tokens} token(s) of every sequence are kept exact "
-            f"(windows with a sink at each leading position: {share})",
+            f"(windows with a sink at each leading position: {share}; sinks from position {MAX_SINK_TOKENS} "
+            "on are not kept)",
         ]
     out += [
         "",

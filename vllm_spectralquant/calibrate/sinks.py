@@ -11,7 +11,8 @@ Calibration windows start at arbitrary corpus positions, so they show where a mo
 Per window we score every key by how far it is from the window's mean key, in units of the window's
 RMS deviation (maximum over layers and KV heads). A window's sink is the most outlying of its first
 :data:`PROBE_POSITIONS` tokens, if it is more outlying than every later token of the window; the cache
-keeps every position up to the furthest sink seen. Measured with this score (ratio to the window's most
+keeps every position up to the furthest sink seen, within :data:`MAX_SINK_TOKENS`. Windows start the way
+served sequences do (with the tokenizer's BOS where it adds one, as Gemma's does). Measured with this score (ratio to the window's most
 outlying later token): Qwen2.5-Coder's position-1 sink 1.39 (its position 0 there: 0.88); position 0
 where it is the sink 1.03-1.18 (SmolLM2: 1.02-1.11); other leading tokens of real models up to 1.02,
 but never above that window's position 0 (SmolLM2, 32 calibration windows: one position 2 at 1.02 next
@@ -59,8 +60,13 @@ def sink_positions(scores: torch.Tensor) -> torch.Tensor:
 
 
 def choose_sink_tokens(is_sink: torch.Tensor, minimum: int = 1) -> int:
-    """Exact leading tokens that cover every sink seen (bool [N, P] from :func:`sink_positions`), within
-    ``minimum`` .. :data:`MAX_SINK_TOKENS`."""
-    seen = is_sink.any(0).nonzero().flatten()
+    """Exact leading tokens that cover every sink seen (bool [N, P] from :func:`sink_positions`) at a
+    position below :data:`MAX_SINK_TOKENS`, and at least ``minimum``.
+
+    A sink further out cannot be covered, so it buys nothing: it stays in the manifest's
+    ``share_by_position`` (Gemma 3 270M: one of 32 windows at position 6, 1.08x its later tokens, where
+    its normalised keys leave every token within 2.2 RMS units of the mean) but costs no bytes.
+    """
+    seen = is_sink[:, :MAX_SINK_TOKENS].any(0).nonzero().flatten()
     last = int(seen.max()) + 1 if seen.numel() else 0
-    return max(minimum, min(last, MAX_SINK_TOKENS))
+    return max(minimum, last)
