@@ -132,3 +132,15 @@ def test_report_shows_spread_noise_floor_and_goal():
     assert emulated_bytes(log, "spectralquant_emulate_fp8") == 128.0
     with pytest.raises(Exception, match="no SpectralQuant emulation line"):
         emulated_bytes(log, "spectralquant_emulate_int4_per_token_head")
+
+
+def test_needle_longer_than_the_context_is_refused_by_name(tiny_calib_model_dir, text_corpus):
+    """A needle length the model cannot hold is an error (it used to be dropped, leaving a run with 0 needles)."""
+    from vllm_spectralquant.evaluation.run import EvalConfig, EvalError, _inputs
+
+    cfg = EvalConfig(model_dir=tiny_calib_model_dir, corpus=text_corpus, ppl_windows=2, ppl_window_tokens=64,
+                     greedy_prompts=2, needle_lengths=[256, 512], needle_depths=(0.5,))
+    with pytest.raises(EvalError, match=r"--needle-lengths 512: longer than the model's context \(512 tokens\) minus 16"):
+        _inputs(cfg, max_context=512)
+    windows, prompts, trials = _inputs(EvalConfig(**{**cfg.__dict__, "needle_lengths": [256]}), max_context=512)[:3]
+    assert len(trials) == 1 and len(windows) == 2

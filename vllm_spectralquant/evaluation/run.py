@@ -121,7 +121,12 @@ def _inputs(cfg: EvalConfig, max_context: int):
     start = max(0, min(cfg.ppl_windows * cfg.ppl_window_tokens, len(held) - 64 * cfg.greedy_prompts))
     prompts = [prefix + w[:48].tolist() for w in split_windows(held, 64, cfg.greedy_prompts, start=start)]
     lengths = cfg.needle_lengths or sorted({1024, max_context // 2, max_context - 256})
-    trials = build_trials(tok, ids.tolist(), [n for n in lengths if n <= max_context - 16], cfg.needle_depths)
+    # The answer needs room after the prompt: the last 16 positions of the context stay free.
+    too_long = [n for n in lengths if n > max_context - 16]
+    if cfg.needle_lengths and too_long:
+        raise EvalError(f"--needle-lengths {' '.join(map(str, too_long))}: longer than the model's context "
+                        f"({max_context} tokens) minus 16 for the answer; use at most {max_context - 16}")
+    trials = build_trials(tok, ids.tolist(), [n for n in lengths if n not in too_long], cfg.needle_depths)
     trials = [replace(t, prompt_ids=prefix + t.prompt_ids) for t in trials]
     return windows, prompts, trials
 
