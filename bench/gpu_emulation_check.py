@@ -91,13 +91,13 @@ def make_inputs(seed: int, head_dim: int, kv_heads: int, dtype: torch.dtype, dev
     return key.to(device=device, dtype=dtype), value.to(device=device, dtype=dtype)
 
 
-def make_slots(seed: int, device: torch.device):
+def make_slots(seed: int, device: torch.device, num_tokens: int = NUM_TOKENS):
     """A shuffled block table and vLLM's slot mapping (int64, ``block * block_size + offset``)."""
     g = torch.Generator().manual_seed(seed + 1)
-    used = math.ceil(NUM_TOKENS / BLOCK_SIZE)
+    used = math.ceil(num_tokens / BLOCK_SIZE)
     num_blocks = used + SPARE_BLOCKS
     block_table = torch.randperm(num_blocks, generator=g)[:used].to(torch.int32)
-    t = torch.arange(NUM_TOKENS)
+    t = torch.arange(num_tokens)
     slots = block_table[t // BLOCK_SIZE].long() * BLOCK_SIZE + t % BLOCK_SIZE
     return num_blocks, block_table.to(device), slots.to(device)
 
@@ -149,6 +149,20 @@ def compare(vllm_t: torch.Tensor, ours_t: torch.Tensor, vllm_code: torch.Tensor,
     return {"max_abs": max_abs, "rel_fro": rel, "level_mismatch_frac": mismatch, "finite": finite, "ok": ok}
 
 
+def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| (Frobenius): how much of the input a format's round trip loses."""
+    return float((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+def real_kv(path: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, key, value) per layer-window of a ``bench/capture_real_kv.py`` file, bf16 [T, H, D], in layer order."""
+    from safetensors.torch import load_file
+
+    t = load_file(path)
+    names = sorted({k.rsplit(".", 1)[0] for k in t}, key=lambda n: (n.split(".")[1], int(n.split(".")[0][5:])))
+    return [(n, t[n + ".key"], t[n + ".value"]) for n in names]
+
+
 # --------------------------------------------------------------------------- int4_per_token_head
 
 
@@ -198,6 +212,7 @@ def check_int4(key: torch.Tensor, value: torch.Tensor, num_blocks: int, block_ta
         # our output back in the rotated domain: single_rht(single_rht(y, inverse=True) / b) == y
         rot_ours = int4_ops.single_rht(ours.float())
         out[name] = compare(vllm_x, ours, rot_vllm, rot_ours, scale)
+        extra[f"{name}_vllm_rel_err_vs_input"] = rel_error(vllm_x, x)
         # exact stored-code comparison against our quantiser (informational: ties / 1-ulp scale bits)
         our_codes, our_scale = int4_quantize(int4_ops.single_rht(x.float()).to(x.dtype))
         extra[f"{name}_code_diff_frac"] = float((our_codes != codes).float().mean())
@@ -287,6 +302,8 @@ def check_turboquant(preset: str, key: torch.Tensor, value: torch.Tensor, num_bl
         ),
         "bits": [cfg.key_mse_bits, cfg.effective_value_quant_bits, t.key_bits, t.value_bits],
         "vllm_dequant": "_tq_full_dequant_kv (fp16 out) + k @ Pi_half, as _continuation_prefill",
+        "K_vllm_rel_err_vs_input": rel_error(vllm_k, key),
+        "V_vllm_rel_err_vs_input": rel_error(vllm_v, value),
     }
     return {
         "K": compare(vllm_k, ours_k, rot_vllm, rot_ours, step_k),
@@ -412,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated methods (default: all)")
     ap.add_argument("--seed", type=int, default=None, help="base seed (default: fresh per case)")
     ap.add_argument("--budget-s", type=float, default=55.0, help="skip the remaining cases past this many seconds")
+    ap.add_argument("--kv-file", default=None,
+                    help="real K/V (bench/capture_real_kv.py): every layer-window through int4 and TurboQuant instead of random inputs")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
 
@@ -428,10 +447,22 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(env))
     only = {s for s in args.only.split(",") if s}
     todo = [c for c in cases(ALL_SHAPES if args.all_shapes else DEFAULT_SHAPES) if not only or c[0] in only]
+    real = {}
+    if args.kv_file:
+        real = {name: (k, v) for name, k, v in real_kv(args.kv_file)}
+        methods = [m for m in ("int4_per_token_head", *TQ_PRESETS) if not only or m in only]
+        todo = [(m, name) for name in real for m in methods]
 
     results = []
-    for i, (method, d, h, dtype) in enumerate(todo):
-        rec = {"method": method, "head_dim": d, "kv_heads": h, "dtype": str(dtype).removeprefix("torch."), "num_tokens": NUM_TOKENS, "block_size": BLOCK_SIZE}
+    for i, case in enumerate(todo):
+        if real:
+            method, source = case
+            k_real, v_real = real[source]
+            d, h, dtype, num_tokens = k_real.shape[2], k_real.shape[1], torch.bfloat16, k_real.shape[0]
+        else:
+            (method, d, h, dtype), source, num_tokens = case, None, NUM_TOKENS
+        rec = {"method": method, "head_dim": d, "kv_heads": h, "dtype": str(dtype).removeprefix("torch."), "num_tokens": num_tokens,
+               "block_size": BLOCK_SIZE, "source": source or "random"}
         if time.monotonic() - t0 > args.budget_s:
             rec.update(verdict="skipped", error=f"time budget of {args.budget_s:.0f} s spent")
             results.append(rec)
@@ -441,9 +472,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - t0:5.1f}s] {method} D={d} H={h} {rec['dtype']} seed={seed}", flush=True)
         t1 = time.monotonic()
         try:
-            outliers = FP8_OUTLIERS if method.startswith("fp8") else 0
-            key, value = make_inputs(seed, d, h, dtype, device, outliers)
-            num_blocks, block_table, slots = make_slots(seed, device)
+            if real:
+                key, value = (t.to(device) for t in real[source])
+            else:
+                outliers = FP8_OUTLIERS if method.startswith("fp8") else 0
+                key, value = make_inputs(seed, d, h, dtype, device, outliers)
+            num_blocks, block_table, slots = make_slots(seed, device, num_tokens)
             r = CHECKS[method](key, value, num_blocks, block_table, slots)
             ok = r["K"]["ok"] and r["V"]["ok"] and r["extra"].get("untouched_slots_poisoned", True)
             rec.update(r, verdict="ok" if ok else "FAIL", error=None)
@@ -460,6 +494,15 @@ def main(argv: list[str] | None = None) -> int:
         if r["verdict"] == "FAIL" and r.get("error"):
             line += "  (" + r["error"].strip().splitlines()[-1][:80] + ")"
         print(line)
+    if real:
+        print("\nvLLM's own round trip vs the real input (relative Frobenius error), per method: K / V, over the layer-windows")
+        for m in dict.fromkeys(r["method"] for r in results):
+            rows = [r for r in results if r["method"] == m and r.get("extra")]
+            for side in ("K", "V"):
+                errs = [r["extra"][f"{side}_vllm_rel_err_vs_input"] for r in rows]
+                if errs:
+                    worst = max(rows, key=lambda r: r["extra"][f"{side}_vllm_rel_err_vs_input"])
+                    print(f"  {m:<22} {side}: median {sorted(errs)[len(errs) // 2]:.3e}  max {max(errs):.3e} ({worst['source']})")
     print("fp8: vLLM's torch.ops._C cache op is absent in the python-only build; 'fp8' compares with the torch cast "
           "x.clamp(-448, 448).to(float8_e4m3fn) (vLLM's cache with scale 1.0), 'fp8[triton_store]' with TRITON_ATTN's Triton store.")
 

@@ -53,11 +53,17 @@ class SimulatedCache:
         self.key_err: dict[int, torch.Tensor] = {}  # layer -> [T, H] relative key error per token
         self.mass: dict[int, torch.Tensor] = {}  # layer -> [T] attention mass each key receives (exact)
         self.collect = False
+        self.emulated: str | None = None  # a vLLM format (backend/emulated_formats.py) instead of our codecs
 
     def roundtrip(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [T, H, D] float32 -> decoded [T, H, D] with sinks (and kept outliers) exact in bf16."""
-        codec = self.codecs[layer]
-        kh, vh = decode_slots(encode_slots(k, v, codec), codec)
+        codec = self.codecs[layer] if self.codecs else None
+        if self.emulated is not None:
+            from vllm_spectralquant.backend.emulated_formats import roundtrip as emulated_roundtrip
+
+            kh, vh = emulated_roundtrip(self.emulated, k, v)
+        else:
+            kh, vh = decode_slots(encode_slots(k, v, codec), codec)
         exact = torch.zeros(k.shape[0], k.shape[1], dtype=torch.bool)
         exact[: self.sinks] = True
         if self.keep_outliers:
@@ -155,6 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--outlier-block", type=int, default=16, help="tokens per block the outliers are chosen in")
     ap.add_argument("--outlier-keys-only", action="store_true", help="kept outliers: exact keys, coded values")
     ap.add_argument("--exact-component", choices=["key", "value"], help="leave keys or values uncompressed")
+    ap.add_argument("--emulated", help="a vLLM format instead of a preset (int4_per_token_head, turboquant_*, fp8), "
+                    "every layer compressed and no exact sinks, as the served emulation")
     ap.add_argument("--per-layer", action="store_true", help="attention error per layer and NLL per layer group")
     ap.add_argument("--layer-groups", type=int, default=4)
     ap.add_argument("--out", type=Path)
@@ -167,8 +175,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     model, tok = load_model(args.model)
     shape = ModelShape.from_config(model.config)
-    art = load_artifact(args.artifact or default_artifact_dir(args.model), presets=[args.preset])
-    codecs = [art.layer_codec(args.preset, i) for i in range(shape.num_layers)]
+    if args.emulated:
+        codecs, args.sink_tokens, args.preset = None, 0, args.emulated
+    else:
+        art = load_artifact(args.artifact or default_artifact_dir(args.model), presets=[args.preset])
+        codecs = [art.layer_codec(args.preset, i) for i in range(shape.num_layers)]
     ids = torch.tensor(tok(read_corpus(None), add_special_tokens=False)["input_ids"])
     _, held = split_halves(ids)
     prefix = tok("", add_special_tokens=True)["input_ids"]
@@ -187,6 +198,7 @@ def main(argv=None) -> int:
         sim = SimulatedCache(codecs, args.chunk, args.sink_tokens, keep, block=args.outlier_block,
                              outlier_rank=args.outlier_rank, keys_only=args.outlier_keys_only)
         sim.exact_component = args.exact_component
+        sim.emulated = args.emulated
         AttentionInterface.register(PROBE_ATTN, sim.attention)
         model.set_attn_implementation(PROBE_ATTN)
         row = {"keep_outliers": keep, "windows": {}}
