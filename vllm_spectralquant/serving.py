@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +35,19 @@ def vllm_command() -> list[str]:
     if script.exists():
         return [str(script), "serve"]
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise SystemExit(143) in this process (main thread, default handler only), so that
+    ``with VllmServer(...)`` blocks stop their servers: each runs in its own session, and a parent killed
+    by a plain SIGTERM would leave it running (seen: an interrupted ``spectralquant eval``)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        def on_sigterm(signum, frame):
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 @dataclass
@@ -119,16 +133,22 @@ class VllmServer:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         cmd = vllm_command() + args + ["--host", "127.0.0.1", "--port", str(self.port)]
+        exit_on_sigterm()
         with open(self.log_path, "wb") as log:
             # A new session, so stop() can signal the engine core and workers too.
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with code {self.proc.returncode}:\n{self.log_tail()}")
-            if self.healthy():
-                return self
-            time.sleep(1.0)
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"vllm serve exited with code {self.proc.returncode}:\n{self.log_tail()}")
+                if self.healthy():
+                    return self
+                time.sleep(1.0)
+        except BaseException:
+            # __exit__ does not run when __enter__ raises (Ctrl-C, SIGTERM, a dead server): stop it here.
+            self.stop()
+            raise
         self.stop()
         raise TimeoutError(f"vllm serve was not healthy after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
 
