@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer
 
     from vllm_spectralquant.corpus import read_corpus, split_halves, split_windows
     from vllm_spectralquant.models.capture import load_model, run_with_capture
@@ -36,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
 
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model, _ = load_model(args.model, dtype=torch.float32, device=torch.device("cpu"))
+    model, tok = load_model(args.model, dtype=torch.float32, device=torch.device("cpu"))
     ids = torch.tensor(tok(read_corpus(None), add_special_tokens=False)["input_ids"])
     _, held = split_halves(ids)
     prefix = tok("", add_special_tokens=True)["input_ids"]
