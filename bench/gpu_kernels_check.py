@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vllm_spectralquant.format import PRESETS, paged_attention  # noqa: E402
 from vllm_spectralquant.format.paged import store_kv as reference_store  # noqa: E402
 from vllm_spectralquant.format.reference_attention import gather_context as reference_gather  # noqa: E402
-from vllm_spectralquant.format.synthetic import random_codec, random_paged_batch  # noqa: E402
+from vllm_spectralquant.format.synthetic import named_random_codec, random_codec, random_paged_batch  # noqa: E402
 from vllm_spectralquant.ops.workspace import DecodeWorkspace  # noqa: E402
 
 #: fp16 levels and queries feed fp32-accumulated MMAs: ~1e-3 of the output norm is expected.
@@ -51,6 +51,9 @@ GPU_CASES = [
     ("sq2_5bit:sorted", 128, 8, 4, 128, 1, [1, 300, 4097, 128]),
     ("sq4bit:sorted", 64, 3, 3, 128, 1, [129, 2000, 7]),
     ("sq3bit:sorted", 96, 2, 6, 64, 2, [65, 1000]),
+    # "@N": a layer's own slot size (calibration moves bytes between layers), small and large
+    ("sq2_5bit:sorted@43", 128, 8, 4, 128, 2, [1, 300, 4097]),
+    ("sq2_5bit:sorted@129", 128, 2, 6, 128, 2, [129, 2000]),
 ]
 DRY_CASES = [
     ("sq2_5bit", 64, 2, 4, 16, 1, [1, 17, 40]),
@@ -87,8 +90,7 @@ def check_case(case, impl: str, layout: str, device: torch.device) -> dict:
     name, d, h, g, bs, sink, lens = case
     mod = impl_module(impl)
     seed = fresh_seed()
-    preset, _, order = name.partition(":")
-    codec = random_codec(PRESETS[preset], d, h, seed=seed, widest_first=order == "sorted").to(device)
+    codec = named_random_codec(name, d, h, seed).to(device)
     cpu_codec = codec.to("cpu")
     batch = random_paged_batch(cpu_codec, lens, [1] * len(lens), block_size=bs, num_query_heads=h * g, sink_tokens=sink, padding_tokens=2, seed=seed, device=device)
     geo = batch.geometry
@@ -268,8 +270,7 @@ def sanitize(device: torch.device) -> None:
         ("sq4bit", 64, 2, 1, 16, 0, [17]),
         ("sq2_5bit:sorted", 128, 2, 4, 128, 1, [1, 200]),
     ]:
-        preset, _, order = name.partition(":")
-        codec = random_codec(PRESETS[preset], d, h, seed=1, widest_first=order == "sorted")
+        codec = named_random_codec(name, d, h, seed=1)
         batch = random_paged_batch(codec, lens, [1] * len(lens), block_size=bs, num_query_heads=h * g, sink_tokens=sink, seed=1, device=device)
         codec = codec.to(device)
         for cache in (batch.kv_cache, token_major(batch.kv_cache)):

@@ -145,6 +145,19 @@ def window_nll(model, ids: torch.Tensor, first_scored: int) -> float:
     return float(-lp.gather(1, ids[first_scored:, None]).mean())
 
 
+def layer_presets(spec: str, num_layers: int) -> list[str]:
+    """'0-7:sq4bit,8-29:sq2_5bit' -> one preset name per layer (every layer named exactly once)."""
+    out: list[str | None] = [None] * num_layers
+    for part in spec.split(","):
+        span, name = part.split(":")
+        a, _, b = span.partition("-")
+        for i in range(int(a), int(b or a) + 1):
+            out[i] = name
+    if None in out:
+        raise SystemExit(f"--layer-presets leaves layer {out.index(None)} without a preset")
+    return out  # type: ignore[return-value]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
@@ -165,6 +178,8 @@ def main(argv=None) -> int:
                     "every layer compressed and no exact sinks, as the served emulation")
     ap.add_argument("--per-layer", action="store_true", help="attention error per layer and NLL per layer group")
     ap.add_argument("--layer-groups", type=int, default=4)
+    ap.add_argument("--layer-presets", help="per-layer presets instead of --preset, e.g. 0-7:sq4bit,8-29:sq2_5bit "
+                    "(prices a bit budget that moves between layers)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -178,8 +193,13 @@ def main(argv=None) -> int:
     if args.emulated:
         codecs, args.sink_tokens, args.preset = None, 0, args.emulated
     else:
-        art = load_artifact(args.artifact or default_artifact_dir(args.model), presets=[args.preset])
-        codecs = [art.layer_codec(args.preset, i) for i in range(shape.num_layers)]
+        per_layer = layer_presets(args.layer_presets, shape.num_layers) if args.layer_presets else [args.preset] * shape.num_layers
+        art = load_artifact(args.artifact or default_artifact_dir(args.model), presets=sorted(set(per_layer)))
+        codecs = [art.layer_codec(per_layer[i], i) for i in range(shape.num_layers)]
+        if args.layer_presets:
+            mean_bytes = sum(c.slot_bytes for c in codecs) / len(codecs)
+            args.preset = f"{args.layer_presets} (mean {mean_bytes:.2f} B/head-token)"
+            print(f"per-layer presets: {args.preset}", flush=True)
     ids = torch.tensor(tok(read_corpus(None), add_special_tokens=False)["input_ids"])
     _, held = split_halves(ids)
     prefix = tok("", add_special_tokens=True)["input_ids"]

@@ -12,10 +12,10 @@ import os
 
 import torch
 
-from vllm_spectralquant.format import PRESETS, paged_attention
+from vllm_spectralquant.format import paged_attention
 from vllm_spectralquant.format.paged import store_kv as reference_store
 from vllm_spectralquant.format.reference_attention import gather_context as reference_gather
-from vllm_spectralquant.format.synthetic import random_codec, random_paged_batch
+from vllm_spectralquant.format.synthetic import named_random_codec, random_paged_batch
 
 #: fp16 levels and queries feed the decode dots (fp32 accumulation): errors ~1e-3 of the output norm.
 DECODE_TOL = 5e-3
@@ -24,9 +24,10 @@ GATHER_TOL = 1e-5
 #: Codes can differ only where fp32 summation order moves a coordinate across a midpoint.
 STORE_MISMATCH_TOL = 2e-3
 
-# (preset[:sorted], head_dim, kv_heads, group, block_size, sink_tokens, seq_lens). ":sorted" gives each
+# (preset[:sorted][@slot], head_dim, kv_heads, group, block_size, sink_tokens, seq_lens). ":sorted" gives each
 # head's groups their random bits widest first, as a calibration does (the CUDA decode then takes its
-# pair-table path on whole stripes and the wide-code path on the first ones).
+# pair-table path on whole stripes and the wide-code path on the first ones). "@N": the layer's own slot
+# of N bytes, as a calibration that moves bytes between layers gives (SmolLM2's sq2_5bit: 22 .. 69 B).
 CASES = [
     ("sq2_5bit", 64, 2, 4, 16, 1, [1, 17, 40, 33]),
     ("sq3bit", 32, 1, 1, 32, 0, [5, 64, 1]),
@@ -37,12 +38,14 @@ CASES = [
     ("sq2_5bit", 32, 3, 1, 32, 1, [100, 9]),
     ("sq2_5bit:sorted", 64, 3, 3, 32, 1, [65, 2, 130]),
     ("sq4bit:sorted", 32, 2, 8, 16, 2, [40, 3]),
+    ("sq2_5bit:sorted@22", 64, 2, 4, 16, 1, [37, 1, 18]),
+    ("sq3bit:sorted@75", 64, 3, 3, 32, 1, [66, 5]),
 ]
 
 
 def case_id(case) -> str:
     name, d, h, g, bs, sink, lens = case
-    return f"{name.replace(':', '-')}-d{d}-h{h}-g{g}-bs{bs}-sink{sink}"
+    return f"{name.replace(':', '-').replace('@', '-slot')}-d{d}-h{h}-g{g}-bs{bs}-sink{sink}"
 
 
 def fresh_seed() -> int:
@@ -50,8 +53,7 @@ def fresh_seed() -> int:
 
 
 def case_codec(name: str, head_dim: int, kv_heads: int, seed: int):
-    preset, _, order = name.partition(":")
-    return random_codec(PRESETS[preset], head_dim, kv_heads, seed=seed, widest_first=order == "sorted")
+    return named_random_codec(name, head_dim, kv_heads, seed)
 
 
 def token_major(cache: torch.Tensor) -> torch.Tensor:

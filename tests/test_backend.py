@@ -415,3 +415,36 @@ def test_verify_rows_forward_through_the_decode_path(use_config, tiny_artifact, 
         batch.query, batch.kv_cache, batch.block_table, batch.seq_lens, batch.query_start_loc, codec, batch.geometry, 32**-0.5
     )
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_layers_get_the_page_size_calibration_gave_them(use_config, tiny_artifact, tiny_calib_model_dir):
+    """An artifact whose layers have their own slot sizes: vLLM's spec loop gets each layer's page, the impl
+    stores and attends in it, and a caller that names no layer is refused by name."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_spectralquant.backend.attention import SpectralQuantBackend
+    from vllm_spectralquant.backend.vllm_compat import layer_being_specified
+
+    use_config(_fake_config(tiny_calib_model_dir, artifact=str(tiny_artifact.artifact)))
+    impl = _impl()
+    slots = impl.config.layer_slot_bytes
+    assert slots is not None and len(set(slots)) > 1 and sum(slots) == len(slots) * PRESETS["sq3bit"].slot_bytes(32)
+    spec = FullAttentionSpec(block_size=128, num_kv_heads=2, head_size=32, dtype=torch.uint8)
+
+    def runner_loop():  # what vLLM's get_kv_cache_spec does: a loop with a layer_name local
+        out = {}
+        for layer_name in [f"model.layers.{i}.self_attn.attn" for i in range(len(slots))]:
+            out[layer_name] = SpectralQuantBackend.customize_spec(spec).state_content_bytes
+        return list(out.values())
+
+    spill = -(-impl.config.sink_tokens * 4 * 32 // 128)  # the exact sinks' bytes over 128 offsets
+    assert runner_loop() == [s + spill for s in slots]
+    assert layer_being_specified() is None
+    with pytest.raises(ServingConfigError, match="gives each layer its own slot size"):
+        SpectralQuantBackend.customize_spec(spec)
+
+    layer = SimpleNamespace(layer_name="model.layers.2.self_attn.attn")
+    cache = torch.zeros(4, 2, 16, impl.config.geometry(16, 2).page_slot_bytes, dtype=torch.uint8)
+    k = torch.randn(20, 2, 32)
+    impl.do_kv_cache_update(layer, k, k, cache, torch.arange(20))
+    assert (cache[..., : slots[2]] != 0).any() and impl.layer_codec(layer, torch.device("cpu")).slot_bytes == slots[2]

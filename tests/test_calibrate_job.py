@@ -25,10 +25,14 @@ def test_artifact_is_complete_and_verified(tiny_artifact, tiny_calib_model_dir):
     assert m.corpus.tokens == 2048 and m.corpus.window == 128 and m.corpus.max_position == 1024
     assert {"report.md", "spectra.png", "deff_heatmap.png", "bits.png"} <= {f.path for f in m.files}
     for preset in ("sq2_5bit", "sq4bit"):
+        entry = m.preset(preset)
+        # The preset's bytes are spread over the layers by measured attention error; their mean is the preset's.
+        assert entry.layer_slot_bytes is not None and sum(entry.layer_slot_bytes) == 3 * entry.slot_bytes
         for layer in range(3):
             codec = art.layer_codec(preset, layer)
             assert codec.num_kv_heads == 2 and codec.head_dim == 32
-            assert int((codec.key.code_bytes + codec.value.code_bytes).max()) <= codec.preset.data_bytes(32)
+            assert codec.slot_bytes == entry.layer_slot_bytes[layer]
+            assert int((codec.key.code_bytes + codec.value.code_bytes).max()) <= codec.data_bytes
     # Tensor-parallel slice: one KV head.
     assert art.layer_codec("sq3bit", 1, slice(1, 2)).num_kv_heads == 1
     # Keys carry more energy in fewer directions than values in these models; the error ordering holds.

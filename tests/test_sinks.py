@@ -79,7 +79,7 @@ def test_calibration_records_sinks_and_serving_follows_them(tiny_artifact, tmp_p
     SpectralQuantConfig.cache_clear()
     assert SpectralQuantConfig.from_cache_dtype("sq3bit", 32, artifact=art).sink_tokens == 3
     assert SpectralQuantConfig.from_cache_dtype("sq3bit", 32, artifact=art, sink_tokens=1).sink_tokens == 1
-    assert SpectralQuantConfig.from_cache_dtype("sq3bit", 32, artifact=art).geometry(128).sink_tokens == 3
+    assert SpectralQuantConfig.from_cache_dtype("sq3bit", 32, artifact=art).geometry(128, 0).sink_tokens == 3
     del raw["sinks"]
     (art / "manifest.json").write_text(json.dumps(raw))
     SpectralQuantConfig.cache_clear()

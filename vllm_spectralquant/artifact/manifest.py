@@ -77,11 +77,27 @@ class CorpusInfo(_Strict):
 
 class PresetEntry(_Strict):
     name: str
-    slot_bytes: int = Field(gt=0)
+    slot_bytes: int = Field(gt=0)  # the preset's bytes per head-token: every layer's, or their mean
+    #: Bytes per head-token of each layer when calibration spread the preset's bytes over the layers by
+    #: measured attention error (their mean is at most ``slot_bytes``); absent: every layer has ``slot_bytes``.
+    layer_slot_bytes: list[int] | None = Field(default=None, min_length=1)
     compression_vs_bf16: float = Field(gt=0)
     file: str
     key_rel_mse: float = Field(ge=0)
     value_rel_mse: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _layer_slots_fit_the_mean(self) -> PresetEntry:
+        slots = self.layer_slot_bytes
+        if slots is not None and (min(slots) < 1 or sum(slots) > self.slot_bytes * len(slots)):
+            raise ValueError(
+                f"layer_slot_bytes of {self.name} must be positive with a mean of at most slot_bytes "
+                f"({self.slot_bytes}), got mean {sum(slots) / len(slots):.2f}"
+            )
+        return self
+
+    def slot_bytes_of(self, layer: int) -> int:
+        return self.slot_bytes if self.layer_slot_bytes is None else self.layer_slot_bytes[layer]
 
     @field_validator("name")
     @classmethod
@@ -132,6 +148,11 @@ class Manifest(_Strict):
         for p in self.presets:
             if p.file != preset_file(p.name):
                 raise ValueError(f"preset {p.name} must be stored in {preset_file(p.name)!r}, not {p.file!r}")
+            if p.layer_slot_bytes is not None and len(p.layer_slot_bytes) != self.model.num_layers:
+                raise ValueError(
+                    f"preset {p.name} lists {len(p.layer_slot_bytes)} layer_slot_bytes for a model of "
+                    f"{self.model.num_layers} layers"
+                )
         return self
 
     def preset(self, name: str) -> PresetEntry | None:

@@ -181,7 +181,9 @@ class Artifact:
                 token_scale=TokenScale.NONE,
             )
 
-        codec = LayerCodec(PRESETS[preset], component("key"), component("value"))
+        entry = self.manifest.preset(preset)
+        slots = None if entry is None else entry.layer_slot_bytes  # None: every layer has the preset's size
+        codec = LayerCodec(PRESETS[preset], component("key"), component("value"), None if slots is None else slots[layer])
         try:
             return codec.validate()
         except FormatError as e:

@@ -39,7 +39,9 @@ from vllm_spectralquant.backend.config import SpectralQuantConfig, served_model
 from vllm_spectralquant.backend.decode_rows import expand_decode_rows
 from vllm_spectralquant.backend.prefill import prefill_attention
 from vllm_spectralquant.backend.tensor_parallel import check_rank_slice, current_rank
+from vllm_spectralquant.backend.vllm_compat import layer_being_specified
 from vllm_spectralquant.emulation import EMULATED_KV_CACHE_DTYPES
+from vllm_spectralquant.format.paged import CacheGeometry
 from vllm_spectralquant.format.params import LayerCodec
 from vllm_spectralquant.format.presets import MAX_HEAD_DIM, MIN_HEAD_DIM, PRESETS, GROUP_SIZE
 from vllm_spectralquant.models.shape import unsupported_message
@@ -113,7 +115,10 @@ class SpectralQuantBackend(AttentionBackend):
         # picks their real block size and asks again. A block holds at least the sinks, so the probe is
         # answered for the smallest block that can (the final call still gets the exact check).
         probe_block = max(spec.block_size, config.sink_tokens) if isinstance(spec, SlidingWindowSpec) else spec.block_size
-        geometry = config.geometry(probe_block)
+        # An artifact whose layers have their own slot sizes needs the layer vLLM is sizing; with one
+        # size per layer vLLM groups the layers as UniformTypeKVCacheSpecs (one block table, own pages).
+        layer = layer_being_specified() if config.layer_slot_bytes is not None else None
+        geometry = config.geometry(probe_block, layer)
         return replace(spec, state_content_bytes=geometry.page_slot_bytes)
 
 
@@ -271,13 +276,15 @@ class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
             self._codecs[str(device)] = codec
         return codec
 
-    def _geometry(self, kv_cache: torch.Tensor):
-        return self.config.geometry(kv_cache.shape[2])
+    def _geometry(self, kv_cache: torch.Tensor, codec: LayerCodec):
+        # The codec knows its layer's slot size (calibration may give each layer its own).
+        return CacheGeometry.for_codec(codec, kv_cache.shape[2], self.config.sink_tokens)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         if kv_cache.numel() == 0:
             return
-        ops.store_kv(key, value, kv_cache, slot_mapping, self.layer_codec(layer, kv_cache.device), self._geometry(kv_cache))
+        codec = self.layer_codec(layer, kv_cache.device)
+        ops.store_kv(key, value, kv_cache, slot_mapping, codec, self._geometry(kv_cache, codec))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None, output_block_scale=None):
         assert output is not None, "the SpectralQuant backend writes into vLLM's output buffer"
@@ -287,7 +294,7 @@ class SpectralQuantImpl(AttentionImpl[SpectralQuantMetadata]):
             return output.fill_(0)
         md = attn_metadata
         codec = self.layer_codec(layer, kv_cache.device)
-        geometry = self._geometry(kv_cache)
+        geometry = self._geometry(kv_cache, codec)
         if md.num_decodes:
             nd = md.num_decode_tokens
             block_table, seq_lens = md.block_table, md.seq_lens[: md.num_decodes]

@@ -86,6 +86,9 @@ class SpectralQuantConfig:
     head_size: int
     sink_tokens: int
     artifact: ArtifactBinding | None  # None for the TurboQuant layout (no calibration)
+    #: Bytes per head-token of each layer when calibration spread the preset's bytes over the layers
+    #: (``manifest.presets[].layer_slot_bytes``); None: every layer has the preset's.
+    layer_slot_bytes: tuple[int, ...] | None = None
 
     # ------------------------------------------------------------------------------------ deriving
 
@@ -123,9 +126,10 @@ class SpectralQuantConfig:
                     f'\'{{"{CONFIG_KEY}": {{"artifact": "DIR"}}}}\' ({where})'
                 )
             binding = ArtifactBinding(path, preset.name, model)
+        calibrated_sinks, layer_slots = (preset.sink_tokens, None) if binding is None else calibrated_layout(binding.path, preset)
         if sink_tokens is None:
-            sink_tokens = preset.sink_tokens if binding is None else calibrated_sink_tokens(binding.path, preset)
-        config = cls(preset, head_size, int(sink_tokens), binding)
+            sink_tokens = calibrated_sinks
+        config = cls(preset, head_size, int(sink_tokens), binding, layer_slots)
         with _lock:
             new = key not in _configs
             config = _configs.setdefault(key, config)
@@ -162,7 +166,7 @@ class SpectralQuantConfig:
             return cls.from_vllm_config(vllm_config, head_size)
         with _lock:
             known = [c for c in _configs.values() if c.head_size == head_size]
-        layouts = {(c.preset.slot_bytes(head_size), c.sink_tokens) for c in known}  # what a page's bytes depend on
+        layouts = {(c.preset.slot_bytes(head_size), c.layer_slot_bytes, c.sink_tokens) for c in known}  # what pages depend on
         if len(layouts) > 1:
             names = sorted({c.preset.kv_cache_dtype for c in known})
             raise ServingConfigError(f"layers of head size {head_size} ask for different SpectralQuant caches {names}; use one kv-cache dtype")
@@ -183,8 +187,30 @@ class SpectralQuantConfig:
 
     # ------------------------------------------------------------------------------------ using
 
-    def geometry(self, block_size: int) -> CacheGeometry:
-        return CacheGeometry(self.head_size, self.preset.slot_bytes(self.head_size), block_size, self.sink_tokens)
+    def slot_bytes(self, layer: int | None) -> int:
+        """Bytes per head-token of ``layer``'s slots (None: a layer the caller cannot name)."""
+        if self.layer_slot_bytes is None:
+            return self.preset.slot_bytes(self.head_size)
+        if layer is None:
+            raise ServingConfigError(
+                f"the artifact of {self.preset.kv_cache_dtype} gives each layer its own slot size "
+                f"({min(self.layer_slot_bytes)}..{max(self.layer_slot_bytes)} B), and vLLM asked for the page "
+                "size of a layer it did not name; recalibrate with --uniform-layer-budgets for this setup"
+            )
+        if not 0 <= layer < len(self.layer_slot_bytes):
+            raise ServingConfigError(
+                f"layer {layer} is outside the artifact's {len(self.layer_slot_bytes)} layers ({self.artifact.path})"
+            )
+        return self.layer_slot_bytes[layer]
+
+    def geometry(self, block_size: int, layer: int | None = None) -> CacheGeometry:
+        """The page geometry of ``layer`` (any layer, when every layer has the preset's slot size)."""
+        return CacheGeometry(self.head_size, self.slot_bytes(layer), block_size, self.sink_tokens)
+
+    def mean_slot_bytes(self) -> float:
+        """Bytes per head-token averaged over the layers (what capacity follows)."""
+        slots = self.layer_slot_bytes
+        return self.preset.slot_bytes(self.head_size) if slots is None else sum(slots) / len(slots)
 
     def load_artifact(self) -> Artifact | None:
         """The verified artifact (None for the TurboQuant layout); loaded once per binding."""
@@ -208,10 +234,13 @@ class SpectralQuantConfig:
         return art.layer_codec(self.preset.name, layer, slice(kv_head_offset, kv_head_offset + num_kv_heads))
 
     def describe(self) -> str:
-        return (
-            f"{self.preset.kv_cache_dtype} ({self.preset.method} layout), {self.preset.slot_bytes(self.head_size)} B "
-            f"per head-token + exact sink tokens: {self.sink_tokens}"
+        slots = self.layer_slot_bytes
+        size = (
+            f"{self.preset.slot_bytes(self.head_size)} B per head-token"
+            if slots is None
+            else f"{self.mean_slot_bytes():.2f} B per head-token on average (layers {min(slots)}..{max(slots)} B)"
         )
+        return f"{self.preset.kv_cache_dtype} ({self.preset.method} layout), {size} + exact sink tokens: {self.sink_tokens}"
 
 
 _lock = threading.Lock()
@@ -220,17 +249,20 @@ _artifacts: dict[ArtifactBinding, Artifact] = {}
 _models: dict[str, ServedModel] = {}
 
 
-def calibrated_sink_tokens(artifact: Path, preset: Preset) -> int:
-    """The exact leading tokens the artifact's calibration measured (``manifest.sinks``), else the preset's.
+def calibrated_layout(artifact: Path, preset: Preset) -> tuple[int, tuple[int, ...] | None]:
+    """What the artifact's calibration measured for the page layout: (exact leading tokens, each
+    layer's slot bytes or None), from ``manifest.sinks`` and the preset's ``layer_slot_bytes``.
 
-    An unreadable manifest falls back to the preset's default here: loading the artifact at startup
+    An unreadable manifest falls back to the preset's defaults here: loading the artifact at startup
     then fails with the message that names the problem.
     """
     try:
-        sinks = read_manifest(artifact).sinks
+        manifest = read_manifest(artifact)
     except ArtifactError:
-        return preset.sink_tokens
-    return preset.sink_tokens if sinks is None else sinks.tokens
+        return preset.sink_tokens, None
+    entry = manifest.preset(preset.name)
+    slots = None if entry is None or entry.layer_slot_bytes is None else tuple(entry.layer_slot_bytes)
+    return (preset.sink_tokens if manifest.sinks is None else manifest.sinks.tokens), slots
 
 
 def serving_options(vllm_config: Any) -> dict:

@@ -123,3 +123,36 @@ def route_cpu_platform(class_path: str, dtype_prefix: str) -> None:
 
     get_attn_backend_cls._spectralquant_route = True
     CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+
+#: How far up the stack :func:`layer_being_specified` looks: customize_spec <- customize_attention_spec
+#: <- the runner's loop (0.32 and 0.33), or customize_spec <- Attention.get_kv_cache_spec (sliding layers).
+_SPEC_CALLER_DEPTH = 3
+
+
+def layer_being_specified() -> int | None:
+    """The index of the attention layer whose cache spec vLLM is building, or None when no caller names one.
+
+    vLLM calls ``AttentionBackend.customize_spec(spec)`` with the spec alone, but a layer whose slot size
+    is its own needs its name. Both callers have it at hand: the model runner's ``get_kv_cache_spec``
+    loops with a ``layer_name`` local, and ``Attention.get_kv_cache_spec`` (the sliding-window probe) is
+    a method of the layer. vLLM's platform-level probes (hybrid page alignment) name no layer: None.
+    """
+    import sys
+
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    frame = sys._getframe(2)  # the caller of customize_spec
+    for _ in range(_SPEC_CALLER_DEPTH):
+        if frame is None:
+            return None
+        name = frame.f_locals.get("layer_name")
+        if not isinstance(name, str):
+            name = getattr(frame.f_locals.get("self"), "layer_name", None)
+        if isinstance(name, str):
+            try:
+                return extract_layer_index(name)
+            except (AssertionError, ValueError):
+                return None
+        frame = frame.f_back
+    return None

@@ -93,6 +93,7 @@ def collect_batch(
         nonlocal stats_seconds
         t = time.perf_counter()
         layers[layer].update(q[use], k[use], v[use])
+        layers[layer].attention.update(q, k, v, shape.softmax_scale, skip_first)
         samples[layer] = KVSample(k[keep].contiguous(), v[keep].contiguous())
         torch.maximum(key_outliers, key_outlier_scores(k).cpu(), out=key_outliers)
         stats_seconds += time.perf_counter() - t

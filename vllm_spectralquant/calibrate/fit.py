@@ -15,17 +15,18 @@ so codebooks fit the real distribution (:mod:`codebook_fit`); without it, Gaussi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from vllm_spectralquant.calibrate.allocation import allocate_bits
+from vllm_spectralquant.calibrate.allocation import allocate_bits, allocate_layer_budgets, error_curve
 from vllm_spectralquant.calibrate.basis import Spectrum, sigma_from_variance, spectrum
 from vllm_spectralquant.calibrate.codebook_fit import CodebookTable, fit_table, gaussian_table
 from vllm_spectralquant.calibrate.stats import LayerHistograms, LayerStats, add_to_histogram, hist_centers
 from vllm_spectralquant.format.errors import FormatError
 from vllm_spectralquant.format.params import ComponentCodec, LayerCodec
-from vllm_spectralquant.format.presets import GROUP_SIZE, Preset, TokenScale
+from vllm_spectralquant.format.presets import GROUP_SIZE, MAX_BITS, Preset, TokenScale
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class ComponentBasis:
 class LayerBasis:
     key: ComponentBasis
     value: ComponentBasis
+    #: float64 [H]: relative attention-output error per unit of the cost model's error
+    #: (``AttentionProfile.error_scale``); zeros when the attention was not profiled.
+    error_scale: torch.Tensor
 
     @property
     def num_kv_heads(self) -> int:
@@ -78,7 +82,11 @@ def fit_basis(stats: LayerStats, softmax_scale: float) -> LayerBasis:
             spectrum=spec,
         )
 
-    return LayerBasis(component(stats.key.mean(), k_spec, k_weight), component(stats.value.mean(), v_spec, v_weight))
+    return LayerBasis(
+        component(stats.key.mean(), k_spec, k_weight),
+        component(stats.value.mean(), v_spec, v_weight),
+        stats.attention.error_scale(),
+    )
 
 
 def normalized_coordinates(comp: ComponentBasis, x: torch.Tensor) -> torch.Tensor:
@@ -134,23 +142,66 @@ def group_weights(weight: torch.Tensor) -> torch.Tensor:
 DEFAULT_KEY_WEIGHT = 0.5
 
 
-def fit_codec(basis: LayerBasis, codebooks: LayerCodebooks, preset: Preset, key_weight_scale: float = DEFAULT_KEY_WEIGHT) -> LayerCodec:
+def _head_allocation_inputs(basis: LayerBasis, codebooks: LayerCodebooks, key_weight_scale: float):
+    """Per KV head: (group weights [2G], distortion [2G, MAX_BITS + 1]), keys then values."""
+    kw = group_weights(basis.key.weight) * key_weight_scale
+    vw = group_weights(basis.value.weight)
+    return [
+        (torch.cat([kw[head], vw[head]]), torch.cat([codebooks.key.mse[head], codebooks.value.mse[head]]))
+        for head in range(basis.num_kv_heads)
+    ]
+
+
+def layer_error_curve(
+    basis: LayerBasis, codebooks: LayerCodebooks, max_budget: int, key_weight_scale: float = DEFAULT_KEY_WEIGHT
+) -> torch.Tensor:
+    """float64 [max_budget + 1]: the layer's relative attention-output error at each slot budget (code bytes),
+    summed over its KV heads; comparable between layers (``LayerBasis.error_scale``)."""
+    curves = [error_curve(w, dist, max_budget) for w, dist in _head_allocation_inputs(basis, codebooks, key_weight_scale)]
+    return (torch.stack(curves) * basis.error_scale[:, None]).sum(0)
+
+
+#: Layer budgets stay within these multiples of the preset's mean: a layer never drops below half its
+#: bytes (the cost model is least trusted at 1-2 bits) nor takes more than twice.
+LAYER_BUDGET_RANGE = (0.5, 2.0)
+
+
+def layer_budgets(
+    bases: list[LayerBasis], tables: list[LayerCodebooks], preset: Preset, key_weight_scale: float = DEFAULT_KEY_WEIGHT
+) -> list[int] | None:
+    """Code bytes per head-token of every layer, the preset's on average, where the relative
+    attention-output error falls most; None when the attention was not profiled (then every layer
+    gets the preset's bytes)."""
+    if not bases or any(float(b.error_scale.sum()) <= 0 for b in bases):
+        return None
+    d = bases[0].head_dim
+    mean = preset.data_bytes(d)
+    lo = math.ceil(mean * LAYER_BUDGET_RANGE[0])
+    hi = min(math.floor(mean * LAYER_BUDGET_RANGE[1]), 2 * d * MAX_BITS // GROUP_SIZE)
+    curves = [layer_error_curve(b, t, hi, key_weight_scale) for b, t in zip(bases, tables)]
+    return allocate_layer_budgets(curves, mean, lo, hi)
+
+
+def fit_codec(
+    basis: LayerBasis,
+    codebooks: LayerCodebooks,
+    preset: Preset,
+    key_weight_scale: float = DEFAULT_KEY_WEIGHT,
+    data_bytes: int | None = None,
+) -> LayerCodec:
     """The SpectralQuant codec of one layer for ``preset``.
 
     ``key_weight_scale`` multiplies the keys' importance against the values' (1 = the cost model).
+    ``data_bytes``: this layer's own code bytes per head-token (:func:`layer_budgets`); None: the preset's.
     """
     if preset.method != "spectralquant":
         raise FormatError(f"fit_codec fits SpectralQuant presets; {preset.name} is {preset.method}")
     h, d = basis.num_kv_heads, basis.head_dim
     g = d // GROUP_SIZE
-    budget = preset.data_bytes(d)
-    kw = group_weights(basis.key.weight) * key_weight_scale
-    vw = group_weights(basis.value.weight)
+    budget = preset.data_bytes(d) if data_bytes is None else data_bytes
     k_bits = torch.zeros(h, g, dtype=torch.int32)
     v_bits = torch.zeros(h, g, dtype=torch.int32)
-    for head in range(h):
-        weights = torch.cat([kw[head], vw[head]])
-        dist = torch.cat([codebooks.key.mse[head], codebooks.value.mse[head]])
+    for head, (weights, dist) in enumerate(_head_allocation_inputs(basis, codebooks, key_weight_scale)):
         bits = allocate_bits(weights, dist, budget)
         k_bits[head], v_bits[head] = bits[:g], bits[g:]
 
@@ -164,8 +215,9 @@ def fit_codec(basis: LayerBasis, codebooks: LayerCodebooks, preset: Preset, key_
             token_scale=TokenScale.NONE,
         )
 
+    slot = None if data_bytes is None else data_bytes + preset.meta_bytes
     return LayerCodec(
-        preset, component(basis.key, codebooks.key, k_bits), component(basis.value, codebooks.value, v_bits)
+        preset, component(basis.key, codebooks.key, k_bits), component(basis.value, codebooks.value, v_bits), slot
     ).validate()
 
 

@@ -59,6 +59,7 @@ class CalibrationConfig:
     batch_size: int = 4
     skip_first: int = 1
     key_weight: float = DEFAULT_KEY_WEIGHT  # keys' bit-allocation weight relative to the cost model
+    layer_budgets: bool = True  # spread each preset's bytes over the layers by measured attention error
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
@@ -234,7 +235,7 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
     seconds["statistics"] = stats.stats_seconds
 
     t2 = time.perf_counter()
-    fit = fit_model(stats, shape, presets, key_weight_scale=cfg.key_weight)
+    fit = fit_model(stats, shape, presets, key_weight_scale=cfg.key_weight, layer_budgets_by_error=cfg.layer_budgets)
     sinks = measure_sinks(stats)
     seconds["fit"] = time.perf_counter() - t2
 
@@ -304,10 +305,12 @@ def artifact_tensors(fit: ModelFit) -> tuple[dict[str, torch.Tensor], dict[str, 
             tensors[tensor_name(comp, "bits")] = torch.stack([getattr(c, comp).bits for c in codecs]).to(torch.int32)
             tensors[tensor_name(comp, "codebooks")] = torch.stack([getattr(c, comp).codebooks for c in codecs]).float()
         k_mse, v_mse = expected_rel_mse(fit, name)
+        per_layer = [c.layer_slot_bytes for c in codecs]
         entry = PresetEntry(
             name=name,
             slot_bytes=p.slot_bytes(d),
-            compression_vs_bf16=round(p.compression_vs_bf16(d), 4),
+            layer_slot_bytes=None if all(b is None for b in per_layer) else [c.slot_bytes for c in codecs],
+            compression_vs_bf16=round(4 * d * len(codecs) / sum(c.slot_bytes for c in codecs), 4),
             file=preset_file(name),
             key_rel_mse=float(k_mse.mean()),
             value_rel_mse=float(v_mse.mean()),

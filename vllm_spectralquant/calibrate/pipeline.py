@@ -19,6 +19,7 @@ from vllm_spectralquant.calibrate.fit import (
     fit_basis,
     fit_codebooks,
     fit_codec,
+    layer_budgets,
 )
 from vllm_spectralquant.format.params import LayerCodec
 from vllm_spectralquant.format.presets import Preset
@@ -40,16 +41,25 @@ def fit_model(
     *,
     fitted_codebooks: bool = True,
     key_weight_scale: float = DEFAULT_KEY_WEIGHT,
+    layer_budgets_by_error: bool = True,
 ) -> ModelFit:
-    """Bases from the moments, codebooks fitted to the sampled tokens (or Gaussian), a codec per preset."""
+    """Bases from the moments, codebooks fitted to the sampled tokens (or Gaussian), a codec per preset.
+
+    With ``layer_budgets_by_error`` each preset's bytes are spread over the layers by the measured
+    attention error (:func:`layer_budgets`; the preset's size is then the mean), else every layer gets them.
+    """
     bases = [fit_basis(layer, shape.softmax_scale) for layer in stats.layers]
     hists = histograms_from_samples(bases, stats.samples) if fitted_codebooks else [None] * len(bases)
     tables = fit_codebooks(hists, shape.num_kv_heads, shape.head_dim)
-    codecs = {
-        p.name: [fit_codec(b, t, p, key_weight_scale) for b, t in zip(bases, tables)]
-        for p in presets
-        if p.method == "spectralquant"
-    }
+    codecs = {}
+    for p in presets:
+        if p.method != "spectralquant":
+            continue
+        budgets = layer_budgets(bases, tables, p, key_weight_scale) if layer_budgets_by_error else None
+        codecs[p.name] = [
+            fit_codec(b, t, p, key_weight_scale, None if budgets is None else budgets[i])
+            for i, (b, t) in enumerate(zip(bases, tables))
+        ]
     return ModelFit(shape, bases, tables, codecs)
 
 

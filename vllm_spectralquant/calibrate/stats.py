@@ -64,6 +64,58 @@ class MomentStats:
 
 
 @dataclass
+class AttentionProfile:
+    """How one layer attends, per KV head: what turns the cost model's error into a relative one.
+
+    The cost model (allocation.py) leaves out ``sum_t p_t^2`` (the same for every group of a head), but
+    it differs between layers: a layer that puts its mass on a few coded tokens passes their errors
+    straight into its output. Summed over the scored queries (each query head of the KV head's group,
+    causal attention over the window):
+
+    * ``concentration`` [H]: ``sum_t p_t^2`` over the coded keys (positions >= the exact sinks);
+    * ``energy`` [H]: ``|o|^2``, the attention output's squared norm.
+    """
+
+    concentration: torch.Tensor  # float64 [H]
+    energy: torch.Tensor  # float64 [H]
+    queries: int = 0  # (query head, position) pairs summed
+
+    @classmethod
+    def zeros(cls, num_kv_heads: int) -> AttentionProfile:
+        return cls(torch.zeros(num_kv_heads, dtype=torch.float64), torch.zeros(num_kv_heads, dtype=torch.float64))
+
+    #: Queries this early in a window see only a handful of keys (position 1 sees the sink alone) and
+    #: say nothing about the long contexts the cache serves.
+    FIRST_QUERY = 32
+
+    def update(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, exact_tokens: int) -> None:
+        """q [B, T, Hq, D], k, v [B, T, H, D] of whole windows (post-RoPE, positions 0..T-1 of each)."""
+        b, t, hq, d = q.shape
+        h = k.shape[2]
+        g = hq // h
+        first = min(self.FIRST_QUERY, t - 1)
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        for w in range(b):
+            for head in range(h):
+                qh = q[w, :, head * g : (head + 1) * g].float().transpose(0, 1)  # [g, T, D]
+                scores = (qh @ k[w, :, head].float().T) * softmax_scale  # [g, T, T]
+                p = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)[:, first:]
+                out = p @ v[w, :, head].float()  # [g, T - first, D]
+                self.concentration[head] += float(p[..., exact_tokens:].square().sum())
+                self.energy[head] += float(out.square().sum())
+        self.queries += b * g * (t - first)
+
+    def merge(self, other: AttentionProfile) -> AttentionProfile:
+        return AttentionProfile(
+            self.concentration + other.concentration, self.energy + other.energy, self.queries + other.queries
+        )
+
+    def error_scale(self) -> torch.Tensor:
+        """float64 [H]: relative output error per unit of the cost model's error (concentration / energy)."""
+        return self.concentration / self.energy.clamp(min=1e-30)
+
+
+@dataclass
 class LayerStats:
     """First-pass statistics of one attention layer."""
 
@@ -71,11 +123,18 @@ class LayerStats:
     value: MomentStats
     query: MomentStats  # queries regrouped per KV head: [N, H, g*D] would be wasteful, see update()
     num_queries_per_kv: int
+    attention: AttentionProfile
 
     @classmethod
     def zeros(cls, num_kv_heads: int, head_dim: int, num_queries_per_kv: int) -> LayerStats:
         z = MomentStats.zeros
-        return cls(z(num_kv_heads, head_dim), z(num_kv_heads, head_dim), z(num_kv_heads, head_dim), num_queries_per_kv)
+        return cls(
+            z(num_kv_heads, head_dim),
+            z(num_kv_heads, head_dim),
+            z(num_kv_heads, head_dim),
+            num_queries_per_kv,
+            AttentionProfile.zeros(num_kv_heads),
+        )
 
     def update(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """q [N, Hq, D], k, v [N, H, D]: the queries' second moments are summed over each KV head's group."""
@@ -90,7 +149,11 @@ class LayerStats:
 
     def merge(self, other: LayerStats) -> LayerStats:
         return LayerStats(
-            self.key.merge(other.key), self.value.merge(other.value), self.query.merge(other.query), self.num_queries_per_kv
+            self.key.merge(other.key),
+            self.value.merge(other.value),
+            self.query.merge(other.query),
+            self.num_queries_per_kv,
+            self.attention.merge(other.attention),
         )
 
 

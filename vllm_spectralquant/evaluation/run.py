@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from vllm_spectralquant.artifact import default_artifact_dir, read_manifest
 from vllm_spectralquant.errors import SpectralQuantError
 from vllm_spectralquant.emulation import EMULATED_METHODS, get_emulated, is_emulated
 from vllm_spectralquant.evaluation.metrics import common_prefix, greedy_many, window_nlls
@@ -172,6 +173,14 @@ def paired_delta(window_nll: Sequence[float], ref_window_nll: Sequence[float]) -
     return 100 * (math.exp(mean) - 1), 100 * math.exp(mean) * sd / math.sqrt(len(d))
 
 
+def calibrated_slot_bytes(artifact: Path, preset: str, head_dim: int) -> float:
+    """A SpectralQuant preset's bytes per head-token, averaged over the layers the artifact sized."""
+    entry = read_manifest(artifact).preset(preset) if get_preset(preset).method == "spectralquant" else None
+    if entry is None or entry.layer_slot_bytes is None:
+        return float(get_preset(preset).slot_bytes(head_dim))
+    return sum(entry.layer_slot_bytes) / len(entry.layer_slot_bytes)
+
+
 def emulated_bytes(log: str, kv_dtype: str) -> float:
     """Bytes per head-token our backend logged for an emulated format (vLLM's own allocation)."""
     for m in EMULATED_BYTES_RE.finditer(log):
@@ -239,7 +248,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Cal
         elif m.emulated:
             bytes_per = emulated_bytes(server_log, kv_dtype)
         else:
-            bytes_per = get_preset(m.preset).slot_bytes(head_dim)
+            bytes_per = calibrated_slot_bytes(cfg.artifact or default_artifact_dir(cfg.model_dir), m.preset, head_dim)
         ppl = math.exp(sum(p[0] for p in parts) / sum(p[1] for p in parts))
         res = MethodResult(
             method=m.method,

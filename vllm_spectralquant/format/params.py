@@ -92,13 +92,23 @@ class ComponentCodec:
             raise FormatError(f"{what}.codebooks must be ascending")
 
 
+def max_slot_bytes(head_dim: int, preset: Preset) -> int:
+    """Largest slot a layer can use: every coordinate of K and V at MAX_BITS, plus the token fields."""
+    return 2 * head_dim * MAX_BITS // 8 + preset.meta_bytes
+
+
 @dataclass(frozen=True)
 class LayerCodec:
-    """Everything needed to encode, decode and attend over one layer's packed cache."""
+    """Everything needed to encode, decode and attend over one layer's packed cache.
+
+    ``layer_slot_bytes`` is this layer's slot size when calibration moved bytes between layers
+    (the preset's size is then the mean over layers); None means the preset's size.
+    """
 
     preset: Preset
     key: ComponentCodec
     value: ComponentCodec
+    layer_slot_bytes: int | None = None
 
     @property
     def num_kv_heads(self) -> int:
@@ -110,7 +120,13 @@ class LayerCodec:
 
     @property
     def slot_bytes(self) -> int:
-        return self.preset.slot_bytes(self.head_dim)
+        """Bytes per head-token of this layer (token fields, codes and padding)."""
+        return self.preset.slot_bytes(self.head_dim) if self.layer_slot_bytes is None else self.layer_slot_bytes
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of packed codes per head-token the slot allows."""
+        return self.slot_bytes - self.preset.meta_bytes
 
     def to(self, device: torch.device | str) -> LayerCodec:
         return replace(self, key=self.key.to(device), value=self.value.to(device))
@@ -126,12 +142,20 @@ class LayerCodec:
                 f"token scales {self.key.token_scale.name}/{self.value.token_scale.name} do not match "
                 f"preset {self.preset.name} ({self.preset.method})"
             )
+        if self.layer_slot_bytes is not None and not self.preset.meta_bytes < self.layer_slot_bytes <= max_slot_bytes(
+            self.head_dim, self.preset
+        ):
+            raise FormatError(
+                f"layer slot of {self.layer_slot_bytes} B is outside 1 .. {max_slot_bytes(self.head_dim, self.preset)} "
+                f"code bytes plus {self.preset.meta_bytes} B of token fields at head_dim {self.head_dim}"
+            )
         used = self.key.code_bytes + self.value.code_bytes
-        budget = self.preset.data_bytes(self.head_dim)
+        budget = self.data_bytes
         if (used > budget).any():
             raise FormatError(
                 f"bit allocation needs {int(used.max())} code bytes per head-token, "
                 f"preset {self.preset.name} allows {budget} at head_dim {self.head_dim}"
+                + ("" if self.layer_slot_bytes is None else f" in this layer's {self.layer_slot_bytes} B slot")
             )
         return self
 

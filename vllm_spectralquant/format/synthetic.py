@@ -27,17 +27,33 @@ def random_bits(num_kv_heads: int, groups: int, budget: int, gen: torch.Generato
     return k_bits, v_bits
 
 
-def random_codec(preset: Preset, head_dim: int, num_kv_heads: int, seed: int = 0, widest_first: bool = False) -> LayerCodec:
+def named_random_codec(name: str, head_dim: int, num_kv_heads: int, seed: int = 0) -> LayerCodec:
+    """:func:`random_codec` from a kernel-case name ``preset[:sorted][@slot_bytes]`` (``sq2_5bit:sorted@22``)."""
+    from vllm_spectralquant.format.presets import get_preset
+
+    name, _, slot = name.partition("@")
+    preset, _, order = name.partition(":")
+    return random_codec(
+        get_preset(preset), head_dim, num_kv_heads, seed=seed, widest_first=order == "sorted",
+        slot_bytes=int(slot) if slot else None,
+    )  # fmt: skip
+
+
+def random_codec(
+    preset: Preset, head_dim: int, num_kv_heads: int, seed: int = 0, widest_first: bool = False, slot_bytes: int | None = None
+) -> LayerCodec:
     """A valid codec with random orthonormal bases, means, scales and bit allocations.
 
     ``widest_first``: each head's key and value groups get their random bits sorted in descending
     order, the shape of a calibrated allocation (groups follow PCA importance).
+    ``slot_bytes``: the layer's own slot size (a calibration that moved bytes between layers); SpectralQuant only.
     """
     if preset.method == "turboquant":
         return turboquant_codec(preset, head_dim, num_kv_heads)
     gen = torch.Generator().manual_seed(seed)
     groups = head_dim // GROUP_SIZE
-    k_bits, v_bits = random_bits(num_kv_heads, groups, preset.data_bytes(head_dim), gen)
+    data = preset.data_bytes(head_dim) if slot_bytes is None else slot_bytes - preset.meta_bytes
+    k_bits, v_bits = random_bits(num_kv_heads, groups, data, gen)
     if widest_first:
         k_bits = torch.sort(k_bits, dim=-1, descending=True).values.contiguous()
         v_bits = torch.sort(v_bits, dim=-1, descending=True).values.contiguous()
@@ -57,7 +73,7 @@ def random_codec(preset: Preset, head_dim: int, num_kv_heads: int, seed: int = 0
         )
 
     k_mode, v_mode = preset.token_scales
-    return LayerCodec(preset, component(k_bits, k_mode), component(v_bits, v_mode)).validate()
+    return LayerCodec(preset, component(k_bits, k_mode), component(v_bits, v_mode), slot_bytes).validate()
 
 
 @dataclass
