@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_spectralquant.evaluation.metrics import agreement, greedy_many, greedy_token_ids
+from vllm_spectralquant.evaluation.metrics import MODEL_NAME, agreement, common_prefix, greedy_many, greedy_token_ids
 from vllm_spectralquant.serving import ServerOptions, VllmServer
 
 GRAPHS = ["--compilation-config", json.dumps({"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"})]
@@ -40,6 +40,13 @@ def prompts_from(tokenizer_dir: Path) -> tuple[list[list[int]], list[list[int]],
     short = [ids[1000 + 97 * i : 1000 + 97 * i + 24] for i in range(16)]
     single = [[ids[5000 + 13 * i]] for i in range(16)]
     return short, single, ids[20000 : 20000 + 3 * CHUNK + 17]
+
+
+def top2_gap(client, prompt_ids: list[int]) -> float:
+    """Logprob gap (nats) between the two likeliest next tokens after ``prompt_ids``."""
+    resp = client.completions.create(model=MODEL_NAME, prompt=prompt_ids, max_tokens=1, temperature=0.0, logprobs=2)
+    top = sorted(resp.choices[0].logprobs.top_logprobs[0].values(), reverse=True)
+    return float(top[0] - top[1]) if len(top) > 1 else float("inf")
 
 
 def cudagraph_mode(log: str) -> str:
@@ -94,11 +101,21 @@ def main(argv=None) -> int:
         after = srv.prefix_cache_hits()
         check("prefix caching", after - before >= 128, f"hit tokens +{after - before:.0f}", results)
         graph_greedy = greedy_many(c, short, 32, concurrency=16)
+        graph_alone = greedy_many(c, short, 32, concurrency=1)
 
     with VllmServer(ServerOptions(args.model, kv, **dict(base, enforce_eager=True)), startup_timeout=900) as srv:
-        eager_greedy = greedy_many(srv.client(), short, 32, concurrency=16)
-    rate = agreement(eager_greedy, graph_greedy, 32)
-    check("eager == graph", rate >= 15 / 16, f"32-token greedy equal for {rate * 16:.0f}/16 prompts", results)
+        ec = srv.client()
+        eager_alone = greedy_many(ec, short, 32, concurrency=1)
+        eager_greedy = greedy_many(ec, short, 32, concurrency=16)
+        # Concurrent batches differ in shape between the two runs, and the quantising store can turn a
+        # last-bit difference of K/V into another code: outputs may part, at near-ties only.
+        gaps = [top2_gap(ec, p + g[: common_prefix(g, e)]) for p, g, e in zip(short, graph_greedy, eager_greedy) if g != e]
+    rate = agreement(eager_alone, graph_alone, 32)
+    check("eager == graph", rate == 1.0, f"32-token greedy, one request at a time: equal for {rate * 16:.0f}/16 prompts", results)
+    conc = agreement(eager_greedy, graph_greedy, 32)
+    out["eager_vs_graph_16_concurrent"] = {"equal": round(conc * 16), "top2_gap_nats_where_they_part": gaps}
+    check("eager ~ graph, 16 concurrent", all(g < 0.5 for g in gaps),
+          f"equal for {conc * 16:.0f}/16; where they part, top-2 gap {[round(g, 3) for g in gaps]} nats (near-ties < 0.5)", results)
 
     with VllmServer(ServerOptions(args.model, "auto", extra_args=["--attention-backend", "TRITON_ATTN"], **dict(base, enforce_eager=True)),
                     startup_timeout=900) as srv:
