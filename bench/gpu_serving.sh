@@ -45,7 +45,8 @@ fi
 
 if stage check; then
   log "serving check"
-  timeout "${CHECK_TIMEOUT:-420}" python3 bench/gpu_check.py "$MODELS/smollm2-L30-random" --out "$OUT/gpu_check.json" \
+  # shellcheck disable=SC2086
+  timeout "${CHECK_TIMEOUT:-420}" python3 bench/gpu_check.py "$MODELS/smollm2-L30-random" --out "$OUT/gpu_check.json" ${CHECK_ARGS:-} \
     2>&1 | grep -v "it/s\]" | tee -a "$OUT/gpu_serving.log"
 fi
 

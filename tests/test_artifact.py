@@ -154,3 +154,30 @@ def test_fuzzed_manifests_only_ever_raise_artifact_error(tiny_artifact, tmp_path
         read_manifest(path)
     except ArtifactError:
         pass
+
+
+def test_layer_slot_sizes_are_checked(artifact_copy):
+    """Per-layer slot sizes: the count must be the model's layers, the mean at most the preset's, and every
+    layer's codes must fit its own slot."""
+
+    def set_slots(slots):
+        def change(m):
+            next(p for p in m["presets"] if p["name"] == "sq3bit")["layer_slot_bytes"] = slots
+
+        return change
+
+    slot = read_manifest(artifact_copy).preset("sq3bit").slot_bytes
+    good = read_manifest(artifact_copy).preset("sq3bit").layer_slot_bytes
+    _rewrite_manifest(artifact_copy, set_slots([slot, slot]))
+    with pytest.raises(ArtifactError, match="lists 2 layer_slot_bytes for a model of 3 layers"):
+        read_manifest(artifact_copy)
+    _rewrite_manifest(artifact_copy, set_slots([slot + 1] * 3))
+    with pytest.raises(ArtifactError, match="mean of at most slot_bytes"):
+        read_manifest(artifact_copy)
+    # Shrink the layer whose codes use the most bytes: its codes no longer fit.
+    widest = max(range(3), key=lambda i: good[i])
+    smaller = list(good)
+    smaller[widest] -= 4
+    _rewrite_manifest(artifact_copy, set_slots(smaller))
+    with pytest.raises(ArtifactError, match=f"layer {widest}: bit allocation needs .* in this layer's"):
+        load_artifact(artifact_copy).layer_codec("sq3bit", widest)

@@ -115,3 +115,41 @@ def test_fitted_codec_beats_turboquant_layout_on_anisotropic_data():
         assert errs["sq"] < 0.5 * errs["tq"], (tier, errs)
         used = codecs[f"sq{tier}"].key.code_bytes + codecs[f"sq{tier}"].value.code_bytes
         assert (used == PRESETS[f"sq{tier}"].data_bytes(d)).all()  # the whole budget is spent
+
+
+def test_layer_budgets_go_where_the_error_falls_most():
+    from vllm_spectralquant.calibrate.allocation import allocate_layer_budgets, error_curve
+
+    gen = torch.Generator().manual_seed(0)
+    table = torch.stack([torch.tensor([1.0] + [4.0**-b for b in range(1, 9)]) for _ in range(8)])
+    weights = torch.rand(8, generator=gen) + 0.5
+    curve = error_curve(weights, table, 40)
+    # The curve is the greedy allocation's error at every budget.
+    for b in (0, 7, 23, 40):
+        assert float(curve[b]) == pytest.approx(float(expected_error(weights, table, allocate_bits(weights, table, b))))
+    # Three layers; the second's error counts 10x (a concentrated attention): it gets the most bytes.
+    curves = [curve, 10 * curve, curve]
+    budgets = allocate_layer_budgets(curves, 20, 15, 40)
+    assert sum(budgets) == 60 and budgets[1] == max(budgets) and abs(budgets[0] - budgets[2]) <= 1 and min(budgets) >= 15
+    # Equal curves: every layer keeps the mean.
+    assert allocate_layer_budgets([curve] * 3, 20, 10, 40) == [20, 20, 20]
+    with pytest.raises(Exception, match="outside the layer bounds"):
+        allocate_layer_budgets(curves, 50, 15, 40)
+
+
+def test_attention_profile_counts_what_the_codes_carry():
+    """Concentration counts attention on coded keys only (the exact sinks are excluded)."""
+    from vllm_spectralquant.calibrate.stats import AttentionProfile
+
+    t, d = 64, 8
+    q = torch.zeros(1, t, 2, d)
+    k = torch.randn(1, t, 1, d)
+    v = torch.randn(1, t, 1, d)
+    prof = AttentionProfile.zeros(1)
+    prof.update(q, k, v, 1.0, exact_tokens=1)  # zero queries: uniform attention over 1..i
+    first = AttentionProfile.FIRST_QUERY
+    want = sum((i) / (i + 1) ** 2 for i in range(first, t)) * 2  # i coded keys of weight 1/(i+1), 2 query heads
+    assert float(prof.concentration[0]) == pytest.approx(want, rel=1e-5)
+    assert prof.queries == 2 * (t - first) and float(prof.error_scale()[0]) > 0
+    merged = prof.merge(prof)
+    assert float(merged.concentration[0]) == pytest.approx(2 * want, rel=1e-5) and merged.queries == 2 * prof.queries

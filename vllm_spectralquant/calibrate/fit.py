@@ -161,9 +161,10 @@ def layer_error_curve(
     return (torch.stack(curves) * basis.error_scale[:, None]).sum(0)
 
 
-#: Layer budgets stay within these multiples of the preset's mean: a layer never drops below half its
-#: bytes (the cost model is least trusted at 1-2 bits) nor takes more than twice.
-LAYER_BUDGET_RANGE = (0.5, 2.0)
+#: Layer budgets stay within these multiples of the preset's mean. The floor is measured: with 0.5,
+#: SmolLM2's sq2_5bit and sq3bit gave layer 0 and the late layers ~0.6x and lost the 4k needle at depth
+#: 0.25 (the profile comes from 512-token windows, where long-range retrieval barely shows).
+LAYER_BUDGET_RANGE = (0.75, 2.0)
 
 
 def layer_budgets(

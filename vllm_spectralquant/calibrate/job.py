@@ -344,6 +344,7 @@ def build_report_data(cfg: CalibrationConfig, fit: ModelFit, corpus: CorpusInfo,
                 value_bits=torch.stack([c.value.bits for c in codecs]),
                 key_rel_mse=k_mse,
                 value_rel_mse=v_mse,
+                layer_slot_bytes=None if codecs[0].layer_slot_bytes is None else [c.slot_bytes for c in codecs],
             )
         )
 

@@ -46,12 +46,13 @@ class PresetReport:
     """Outcome of one preset's bit allocation."""
 
     name: str  # e.g. "sq3bit"
-    slot_bytes: int  # bytes per head-token
+    slot_bytes: int  # bytes per head-token (the mean over layers when they have their own)
     compression_vs_bf16: float
     key_bits: torch.Tensor  # int [L, H, G]   bits per code of each 8-coordinate group (0..8), G = head_dim // 8
     value_bits: torch.Tensor  # int [L, H, G]
     key_rel_mse: torch.Tensor  # float [L, H]  expected relative MSE of keys (sum_j lambda_j D(b_j) / sum_j lambda_j)
     value_rel_mse: torch.Tensor  # float [L, H]
+    layer_slot_bytes: list[int] | None = None  # each layer's slot when calibration spread the bytes
 
 
 @dataclass(frozen=True)
@@ -317,6 +318,13 @@ def _markdown(data: ReportData, pr_key: torch.Tensor, pr_value: torch.Tensor) ->
             preset_rows,
         )
         out += [""]
+        for p in data.presets:
+            if p.layer_slot_bytes is not None:
+                out += [
+                    f"`{p.name}` slot bytes per layer (spread by measured attention error, mean {p.slot_bytes}): "
+                    + ", ".join(str(b) for b in p.layer_slot_bytes),
+                    "",
+                ]
 
     findings = _flagged_layers(data)
     if findings:
