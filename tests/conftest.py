@@ -131,11 +131,17 @@ def tiny_calib_model_dir(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory, tiny_calib_model_dir, text_corpus):
-    """A calibrated artifact of the tiny Llama (every SpectralQuant preset), built once per session."""
+    """A calibrated artifact of the tiny Llama (every SpectralQuant preset), built once per session.
+
+    Its layers have their own slot sizes (``--layer-budgets``), so every backend test runs the per-layer
+    page path; the uniform path is what the served SmolLM2 tests and the TQ-layout presets use.
+    """
     from vllm_spectralquant.calibrate.job import CalibrationConfig, calibrate
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
-    cfg = CalibrationConfig(model_dir=tiny_calib_model_dir, out_dir=out, corpus=text_corpus, tokens=2048, window=128)
+    cfg = CalibrationConfig(
+        model_dir=tiny_calib_model_dir, out_dir=out, corpus=text_corpus, tokens=2048, window=128, layer_budgets=True
+    )
     return calibrate(cfg)
 
 

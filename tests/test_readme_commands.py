@@ -111,17 +111,22 @@ def test_presets_as_written():
 
 
 @pytest.mark.slow
-def test_calibrate_as_written_with_stdout_a_pipe(tmp_path, tiny_calib_model_dir):
-    """``spectralquant calibrate MODEL_DIR`` (defaults: 32k tokens of lee_background, every preset), piped."""
+@pytest.mark.parametrize("flags", [[], ["--layer-budgets"]], ids=["defaults", "layer-budgets"])
+def test_calibrate_as_written_with_stdout_a_pipe(tmp_path, tiny_calib_model_dir, flags):
+    """``spectralquant calibrate MODEL_DIR [--layer-budgets]`` (defaults: 32k tokens of lee_background,
+    every preset), piped."""
+    assert " ".join(["spectralquant calibrate MODEL_DIR", *flags]) in README.read_text()
     model = tmp_path / "tiny-llama"
     shutil.copytree(tiny_calib_model_dir, model)
-    run = run_piped(["spectralquant", "calibrate", str(model)])
+    run = run_piped(["spectralquant", "calibrate", str(model), *flags])
     assert run.returncode == 0, run.stdout + run.stderr
     assert "Traceback" not in run.stderr, run.stderr
     assert f"wrote {model / 'spectralquant'} (32,704 tokens" in run.stdout, run.stdout
     from vllm_spectralquant.artifact import fingerprint_of, load_artifact
 
-    load_artifact(model / "spectralquant", expect=fingerprint_of(model))
+    art = load_artifact(model / "spectralquant", expect=fingerprint_of(model))
+    slots = [p.layer_slot_bytes for p in art.manifest.presets]
+    assert all(s is not None for s in slots) if flags else all(s is None for s in slots)
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         overwrite=args.overwrite,
         device=args.device,
-        layer_budgets=not args.uniform_layer_budgets,
+        layer_budgets=args.layer_budgets,
     )
     if args.key_weight is not None:
         cfg.key_weight = args.key_weight
@@ -178,9 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--key-weight", type=float,
                    help="keys' bit-allocation weight relative to the attention-error cost model (default: 0.5)")
-    p.add_argument("--uniform-layer-budgets", action="store_true",
-                   help="give every layer the preset's bytes (default: spread them over the layers by measured "
-                        "attention error, the preset's size being the mean)")
+    p.add_argument("--layer-budgets", action="store_true",
+                   help="spread each preset's bytes over the layers by measured attention error, the preset's size "
+                        "being the mean (default: every layer gets the preset's bytes); see BENCHMARKS.md")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_calibrate)

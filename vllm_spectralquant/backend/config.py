@@ -195,7 +195,7 @@ class SpectralQuantConfig:
             raise ServingConfigError(
                 f"the artifact of {self.preset.kv_cache_dtype} gives each layer its own slot size "
                 f"({min(self.layer_slot_bytes)}..{max(self.layer_slot_bytes)} B), and vLLM asked for the page "
-                "size of a layer it did not name; recalibrate with --uniform-layer-budgets for this setup"
+                "size of a layer it did not name; recalibrate without --layer-budgets for this setup"
             )
         if not 0 <= layer < len(self.layer_slot_bytes):
             raise ServingConfigError(

@@ -59,7 +59,9 @@ class CalibrationConfig:
     batch_size: int = 4
     skip_first: int = 1
     key_weight: float = DEFAULT_KEY_WEIGHT  # keys' bit-allocation weight relative to the cost model
-    layer_budgets: bool = True  # spread each preset's bytes over the layers by measured attention error
+    #: Spread each preset's bytes over the layers by measured attention error (the preset's size is the
+    #: mean). Off by default: on SmolLM2 it lowers perplexity but lost a 4k needle (BENCHMARKS.md).
+    layer_budgets: bool = False
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)

@@ -41,7 +41,7 @@ def fit_model(
     *,
     fitted_codebooks: bool = True,
     key_weight_scale: float = DEFAULT_KEY_WEIGHT,
-    layer_budgets_by_error: bool = True,
+    layer_budgets_by_error: bool = False,
 ) -> ModelFit:
     """Bases from the moments, codebooks fitted to the sampled tokens (or Gaussian), a codec per preset.
 
