@@ -118,6 +118,21 @@ def test_bad_options(tmp_path, tiny_calib_model_dir, text_corpus):
         calibrate(CalibrationConfig(**base, out_dir=tmp_path / "d", ray_address="127.0.0.1:9"))
 
 
+def test_layer_budgets_refuse_sliding_window_models(tmp_path, tiny_calib_model_dir, text_corpus):
+    import json
+    import shutil
+
+    model = tmp_path / "sliding"
+    shutil.copytree(tiny_calib_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(sliding_window=64, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    (model / "config.json").write_text(json.dumps(config))
+    cfg = CalibrationConfig(model_dir=model, corpus=text_corpus, tokens=256, window=128, layer_budgets=True)
+    with pytest.raises(CalibrationError, match="--layer-budgets does not support models with sliding-window layers"):
+        calibrate(cfg)
+    assert not (model / "spectralquant").exists()
+
+
 def test_unsupported_models_are_named(tmp_path, tiny_calib_model_dir, text_corpus):
     import shutil
 
