@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import save_file
 
-    from vllm_spectralquant.corpus import read_corpus, split_halves, split_windows
+    from vllm_spectralquant.corpus import held_out, read_corpus
     from vllm_spectralquant.models.capture import load_model, run_with_capture
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -36,13 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     model, tok = load_model(args.model, dtype=torch.float32, device=torch.device("cpu"))
-    ids = torch.tensor(tok(read_corpus(None), add_special_tokens=False)["input_ids"])
-    _, held = split_halves(ids)
-    prefix = tok("", add_special_tokens=True)["input_ids"]
-    windows = split_windows(held, args.window_tokens, max(args.windows) + 1)
+    windows = held_out(tok, read_corpus(None)).windows(args.window_tokens, max(args.windows) + 1)
     tensors: dict[str, torch.Tensor] = {}
     for j in args.windows:
-        x = torch.tensor(prefix + windows[j].tolist())[: args.tokens][None]
+        x = torch.tensor(windows[j])[: args.tokens][None]
 
         def keep(layer, q, k, v, j=j):
             tensors[f"layer{layer}.w{j}.key"] = k[0].to(torch.bfloat16).contiguous()

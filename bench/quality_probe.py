@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from vllm_spectralquant.artifact.store import default_artifact_dir, load_artifact
-from vllm_spectralquant.corpus import read_corpus, split_halves, split_windows
+from vllm_spectralquant.corpus import held_out, read_corpus
 from vllm_spectralquant.files import write_atomic
 from vllm_spectralquant.format.codec import decode_slots, encode_slots
 from vllm_spectralquant.format.paged import SINK_DTYPE
@@ -200,10 +200,9 @@ def main(argv=None) -> int:
             mean_bytes = sum(c.slot_bytes for c in codecs) / len(codecs)
             args.preset = f"{args.layer_presets} (mean {mean_bytes:.2f} B/head-token)"
             print(f"per-layer presets: {args.preset}", flush=True)
-    ids = torch.tensor(tok(read_corpus(None), add_special_tokens=False)["input_ids"])
-    _, held = split_halves(ids)
-    prefix = tok("", add_special_tokens=True)["input_ids"]
-    windows = [torch.tensor(prefix + w.tolist()) for w in split_windows(held, args.window_tokens, args.ppl_windows)]
+    text = held_out(tok, read_corpus(None))
+    prefix = text.prefix
+    windows = [torch.tensor(w) for w in text.windows(args.window_tokens, args.ppl_windows)]
     chosen = args.windows if args.windows else list(range(len(windows)))
     first = len(prefix) + args.chunk + 1
 

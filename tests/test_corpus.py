@@ -105,6 +105,26 @@ def test_leading_special_token(tiny_tokenizer):
     assert leading_special_token(with_bos) == bos
 
 
+def test_held_out_windows_start_like_served_sequences(tiny_tokenizer):
+    """The evaluation half of a corpus, each window led by what the tokenizer puts before text."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from vllm_spectralquant.corpus import held_out
+
+    text = " ".join(f"w{i}" for i in range(600))
+    plain = held_out(tiny_tokenizer, text)
+    assert plain.prefix == [] and torch.equal(plain.held, plain.ids[plain.ids.numel() // 2 :])
+    assert plain.windows(16, 2) == [plain.held[:16].tolist(), plain.held[16:32].tolist()]
+    with_bos = copy.deepcopy(tiny_tokenizer)
+    bos = with_bos.bos_token_id
+    with_bos._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    led = held_out(with_bos, text)
+    assert led.prefix == [bos] and torch.equal(led.ids, plain.ids)  # the corpus itself has no BOS
+    assert led.windows(16, 1, start=5) == [[bos] + plain.held[5:21].tolist()]
+
+
 def test_split_windows():
     ids = torch.arange(1000)
     windows = split_windows(ids, window=100, num_windows=3, start=50)

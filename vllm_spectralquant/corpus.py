@@ -8,6 +8,7 @@ install.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +152,25 @@ def split_halves(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise CorpusError(f"corpus too short to split in halves: found {ids.numel()} tokens, need at least 2")
     half = ids.numel() // 2
     return ids[:half], ids[half:]
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The evaluation side of a corpus: its second half (calibration reads the first), and what the
+    tokenizer puts before any text (Gemma: its BOS, which it degrades without; SmolLM2, Qwen: nothing),
+    which starts every evaluation sequence as it would in the model's own use."""
+
+    ids: torch.Tensor  # int64 [N]: the whole corpus
+    held: torch.Tensor  # int64 [N - N // 2]: its second half
+    prefix: list[int]
+
+    def windows(self, window: int, num_windows: int | None = None, start: int = 0) -> list[list[int]]:
+        """``prefix`` + each of :func:`split_windows` of the held-out half."""
+        return [self.prefix + w.tolist() for w in split_windows(self.held, window, num_windows, start=start)]
+
+
+def held_out(tokenizer: Any, text: str) -> HeldOut:
+    """Tokenise ``text`` (no special tokens) and keep its held-out half for evaluation."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    _, held = split_halves(ids)
+    return HeldOut(ids, held, list(tokenizer("", add_special_tokens=True)["input_ids"]))

@@ -106,21 +106,17 @@ def _model_shape(model_dir: Path) -> tuple[int, int]:
 
 def _inputs(cfg: EvalConfig, max_context: int):
     """Held-out token windows, greedy prompts, needle trials and the tokenizer."""
-    import torch
     from transformers import AutoTokenizer
 
-    from vllm_spectralquant.corpus import read_corpus, split_halves, split_windows
+    from vllm_spectralquant.corpus import held_out, read_corpus
 
     tok = AutoTokenizer.from_pretrained(cfg.model_dir)
-    ids = torch.tensor(tok(read_corpus(cfg.corpus), add_special_tokens=False)["input_ids"])
-    _, held = split_halves(ids)
-    # What the tokenizer puts before any text (Gemma: its BOS, which it degrades without; SmolLM2: nothing)
-    # starts every prompt, as it would in the model's own use.
-    prefix = tok("", add_special_tokens=True)["input_ids"]
-    windows = [prefix + w.tolist() for w in split_windows(held, cfg.ppl_window_tokens, cfg.ppl_windows)]
+    text = held_out(tok, read_corpus(cfg.corpus))
+    ids, prefix = text.ids, text.prefix
+    windows = text.windows(cfg.ppl_window_tokens, cfg.ppl_windows)
     # Greedy prompts come from the held-out text after the perplexity windows (or its start if short).
-    start = max(0, min(cfg.ppl_windows * cfg.ppl_window_tokens, len(held) - 64 * cfg.greedy_prompts))
-    prompts = [prefix + w[:48].tolist() for w in split_windows(held, 64, cfg.greedy_prompts, start=start)]
+    start = max(0, min(cfg.ppl_windows * cfg.ppl_window_tokens, len(text.held) - 64 * cfg.greedy_prompts))
+    prompts = [w[: len(prefix) + 48] for w in text.windows(64, cfg.greedy_prompts, start=start)]
     lengths = cfg.needle_lengths or sorted({1024, max_context // 2, max_context - 256})
     # The answer needs room after the prompt: the last 16 positions of the context stay free.
     too_long = [n for n in lengths if n > max_context - 16]
