@@ -67,6 +67,7 @@ def collect_batch(
     *,
     skip_first: int = 1,
     sample_stride: int = 8,
+    profile_attention: bool = False,
 ) -> ModelStats:
     """Statistics of one batch of windows.
 
@@ -75,6 +76,8 @@ def collect_batch(
         position_offsets: position of each window's first token. RoPE is relative, so a window run at
             positions p..p+T-1 has the hidden states of positions 0..T-1 but keys rotated as at p.
         sample_stride: keep raw K/V of tokens whose global index (window_id * T + t) is a multiple.
+        profile_attention: also profile each layer's attention (``LayerStats.attention``: the windows'
+            attention computed once more per layer), which layer budgets need; off by default.
     """
     shape = ModelShape.from_config(model.config)
     b, t = windows.shape
@@ -93,7 +96,8 @@ def collect_batch(
         nonlocal stats_seconds
         t = time.perf_counter()
         layers[layer].update(q[use], k[use], v[use])
-        layers[layer].attention.update(q, k, v, shape.softmax_scale, skip_first)
+        if profile_attention:
+            layers[layer].attention.update(q, k, v, shape.softmax_scale, skip_first)
         samples[layer] = KVSample(k[keep].contiguous(), v[keep].contiguous())
         torch.maximum(key_outliers, key_outlier_scores(k).cpu(), out=key_outliers)
         stats_seconds += time.perf_counter() - t

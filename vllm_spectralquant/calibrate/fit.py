@@ -169,12 +169,11 @@ LAYER_BUDGET_RANGE = (0.75, 2.0)
 
 def layer_budgets(
     bases: list[LayerBasis], tables: list[LayerCodebooks], preset: Preset, key_weight_scale: float = DEFAULT_KEY_WEIGHT
-) -> list[int] | None:
+) -> list[int]:
     """Code bytes per head-token of every layer, the preset's on average, where the relative
-    attention-output error falls most; None when the attention was not profiled (then every layer
-    gets the preset's bytes)."""
+    attention-output error falls most (the statistics must include the attention profile)."""
     if not bases or any(float(b.error_scale.sum()) <= 0 for b in bases):
-        return None
+        raise FormatError("layer budgets need the attention profile of every layer (collect with profile_attention)")
     d = bases[0].head_dim
     mean = preset.data_bytes(d)
     lo = math.ceil(mean * LAYER_BUDGET_RANGE[0])

@@ -232,13 +232,15 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
             batch_size=cfg.batch_size,
             sample_stride=sample_stride,
             skip_first=cfg.skip_first,
+            profile_attention=cfg.layer_budgets,
             device=cfg.device,
             progress=on_tokens,
         )
     else:
         stats = collect_in_process(
-            model, windows, offsets, batch_size=cfg.batch_size, sample_stride=sample_stride, skip_first=cfg.skip_first, progress=on_tokens
-        )
+            model, windows, offsets, batch_size=cfg.batch_size, sample_stride=sample_stride, skip_first=cfg.skip_first,
+            profile_attention=cfg.layer_budgets, progress=on_tokens,
+        )  # fmt: skip
     seconds["collect"] = time.perf_counter() - t1
     seconds["forward"] = stats.forward_seconds  # summed over workers
     seconds["statistics"] = stats.stats_seconds

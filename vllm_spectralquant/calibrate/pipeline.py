@@ -55,7 +55,7 @@ def fit_model(
     for p in presets:
         if p.method != "spectralquant":
             continue
-        budgets = layer_budgets(bases, tables, p, key_weight_scale) if layer_budgets_by_error else None
+        budgets = layer_budgets(bases, tables, p, key_weight_scale) if layer_budgets_by_error else None  # None: uniform
         codecs[p.name] = [
             fit_codec(b, t, p, key_weight_scale, None if budgets is None else budgets[i])
             for i, (b, t) in enumerate(zip(bases, tables))
@@ -71,6 +71,7 @@ def collect_in_process(
     batch_size: int = 4,
     sample_stride: int = 8,
     skip_first: int = 1,
+    profile_attention: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> ModelStats:
     """Collect over all windows [N, T] in this process, merging batches in order."""
@@ -78,8 +79,9 @@ def collect_in_process(
     for start in range(0, windows.shape[0], batch_size):
         ids = list(range(start, min(start + batch_size, windows.shape[0])))
         batch = collect_batch(
-            model, windows[ids], ids, [position_offsets[i] for i in ids], skip_first=skip_first, sample_stride=sample_stride
-        )
+            model, windows[ids], ids, [position_offsets[i] for i in ids], skip_first=skip_first, sample_stride=sample_stride,
+            profile_attention=profile_attention,
+        )  # fmt: skip
         total = batch if total is None else total.merge(batch)
         if progress is not None:
             progress(batch.tokens)
