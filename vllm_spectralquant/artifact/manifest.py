@@ -96,9 +96,6 @@ class PresetEntry(_Strict):
             )
         return self
 
-    def slot_bytes_of(self, layer: int) -> int:
-        return self.slot_bytes if self.layer_slot_bytes is None else self.layer_slot_bytes[layer]
-
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
