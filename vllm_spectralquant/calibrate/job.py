@@ -33,6 +33,7 @@ from vllm_spectralquant.calibrate.pipeline import ModelFit, collect_in_process, 
 from vllm_spectralquant.calibrate.sinks import choose_sink_tokens, sink_positions
 from vllm_spectralquant.corpus import corpus_sha256, leading_special_token, read_corpus, tokenize_corpus
 from vllm_spectralquant.extras import require as require_extras
+from vllm_spectralquant.format.params import LayerCodec
 from vllm_spectralquant.format.presets import PRESETS, Preset
 from vllm_spectralquant.models.errors import ModelError
 from vllm_spectralquant.models.shape import ModelShape
@@ -298,6 +299,11 @@ def expected_rel_mse(fit: ModelFit, preset: str) -> tuple[torch.Tensor, torch.Te
     return out[0], out[1]
 
 
+def layer_slot_bytes(codecs: list[LayerCodec]) -> list[int] | None:
+    """Each layer's slot bytes when the fit gave the layers their own sizes, else None."""
+    return None if all(c.layer_slot_bytes is None for c in codecs) else [c.slot_bytes for c in codecs]
+
+
 def artifact_tensors(fit: ModelFit) -> tuple[dict[str, torch.Tensor], dict[str, tuple[PresetEntry, dict[str, torch.Tensor]]]]:
     """The fit as stacked [L, H, ...] tensors for the artifact files."""
     bases: dict[str, torch.Tensor] = {}
@@ -316,11 +322,10 @@ def artifact_tensors(fit: ModelFit) -> tuple[dict[str, torch.Tensor], dict[str, 
             tensors[tensor_name(comp, "bits")] = torch.stack([getattr(c, comp).bits for c in codecs]).to(torch.int32)
             tensors[tensor_name(comp, "codebooks")] = torch.stack([getattr(c, comp).codebooks for c in codecs]).float()
         k_mse, v_mse = expected_rel_mse(fit, name)
-        per_layer = [c.layer_slot_bytes for c in codecs]
         entry = PresetEntry(
             name=name,
             slot_bytes=p.slot_bytes(d),
-            layer_slot_bytes=None if all(b is None for b in per_layer) else [c.slot_bytes for c in codecs],
+            layer_slot_bytes=layer_slot_bytes(codecs),
             compression_vs_bf16=round(4 * d * len(codecs) / sum(c.slot_bytes for c in codecs), 4),
             file=preset_file(name),
             key_rel_mse=float(k_mse.mean()),
@@ -355,7 +360,7 @@ def build_report_data(cfg: CalibrationConfig, fit: ModelFit, corpus: CorpusInfo,
                 value_bits=torch.stack([c.value.bits for c in codecs]),
                 key_rel_mse=k_mse,
                 value_rel_mse=v_mse,
-                layer_slot_bytes=None if codecs[0].layer_slot_bytes is None else [c.slot_bytes for c in codecs],
+                layer_slot_bytes=layer_slot_bytes(codecs),
             )
         )
 
