@@ -47,6 +47,7 @@ GPU_CASES = [
     ("sq4bit", 128, 1, 16, 32, 1, [77, 1]),
     ("tq2_5bit", 64, 2, 4, 16, 4, [3, 90]),
     ("sq3bit", 256, 1, 4, 16, 1, [40, 3]),
+    ("sq3bit:sorted", 256, 2, 4, 64, 1, [130, 5]),  # Gemma 3's head_dim at its block size
     # ":sorted": bits widest first per head, as calibrated (whole pair-table stripes + a wide stripe)
     ("sq2_5bit:sorted", 128, 8, 4, 128, 1, [1, 300, 4097, 128]),
     ("sq4bit:sorted", 64, 3, 3, 128, 1, [129, 2000, 7]),

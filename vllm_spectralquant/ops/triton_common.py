@@ -10,6 +10,16 @@ import triton
 import triton.language as tl
 
 
+#: Basis rows per rotation dot above head_dim 128. A whole fp32 basis at head_dim 256 (256 KiB) does
+#: not fit in an SM's shared memory as one dot operand (H200: 227 KiB); 64 rows of 256 take 64 KiB.
+BASIS_ROWS_PER_DOT = 64
+
+
+def basis_rows_per_dot(padded_head_dim: int) -> int:
+    """Rows of the (padded) basis contracted per ``tl.dot`` by the store and the gather: all up to 128."""
+    return padded_head_dim if padded_head_dim <= 128 else BASIS_ROWS_PER_DOT
+
+
 @triton.jit
 def fp16_field(rows, offset, valid):
     """The little-endian fp16 token field at byte ``offset`` of each row -> float32 [BT] (0 where invalid)."""

@@ -15,7 +15,7 @@ import triton.language as tl
 from vllm_spectralquant.format.paged import CacheGeometry
 from vllm_spectralquant.format.params import LayerCodec
 from vllm_spectralquant.ops.kernel_codec import KernelComponent, kernel_codec, padded_dim
-from vllm_spectralquant.ops.triton_common import bf16_bytes, read_codes, spill_pointers, token_scale
+from vllm_spectralquant.ops.triton_common import basis_rows_per_dot, bf16_bytes, read_codes, spill_pointers, token_scale
 
 _TOKENS_PER_PROGRAM = 16
 
@@ -25,19 +25,26 @@ def _dequantise_write(
     out_ptr, s_ob, s_ol, s_oh, b, pos, inside, in_out, rows, entry, h,
     cb_ptr, csh_ptr, c2_ptr, cm_ptr, cl_ptr, lut_ptr, s_lut, basis_t_ptr, mean_ptr, scale_ptr,
     slot_bytes, sink_bytes, s_tok, n_sink,
-    MODE: tl.constexpr, FIELD: tl.constexpr, COMP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr,
+    MODE: tl.constexpr, FIELD: tl.constexpr, COMP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+    KC: tl.constexpr, BT: tl.constexpr,
 ):  # fmt: skip
     rd = tl.arange(0, DP)
     dmask = rd < D
-    hd = h * DP + rd
-    codes = read_codes(rows, inside, tl.load(cb_ptr + hd), tl.load(csh_ptr + hd), tl.load(c2_ptr + hd), tl.load(cm_ptr + hd))
-    lev = tl.load(lut_ptr + h * s_lut + tl.load(cl_ptr + hd)[None, :] + codes)
     s, z = token_scale(rows, inside, MODE, FIELD, BT)
-    scale = tl.load(scale_ptr + h * D + rd, mask=dmask, other=0.0)
-    rot = scale[None, :] * (s[:, None] * lev + z[:, None])
-    basis_t = tl.load(basis_t_ptr + h * D * D + rd[:, None] * D + rd[None, :], mask=dmask[:, None] & dmask[None, :], other=0.0)
-    mean = tl.load(mean_ptr + h * D + rd, mask=dmask, other=0.0)
-    x = tl.dot(rot, basis_t, input_precision="ieee") + mean[None, :]
+    # x = rot @ U^T + mean, KC rotated coordinates per dot (triton_common.basis_rows_per_dot: shared
+    # memory); neither unrolled nor pipelined, so one KC-row slice of U^T is staged at a time.
+    x = tl.zeros([BT, DP], dtype=tl.float32)
+    for c in tl.range(0, DP // KC, num_stages=1):
+        rk = c * KC + tl.arange(0, KC)
+        kmask = rk < D
+        hk = h * DP + rk
+        codes = read_codes(rows, inside, tl.load(cb_ptr + hk), tl.load(csh_ptr + hk), tl.load(c2_ptr + hk), tl.load(cm_ptr + hk))
+        lev = tl.load(lut_ptr + h * s_lut + tl.load(cl_ptr + hk)[None, :] + codes)
+        scale = tl.load(scale_ptr + h * D + rk, mask=kmask, other=0.0)
+        rot = scale[None, :] * (s[:, None] * lev + z[:, None])
+        basis_t = tl.load(basis_t_ptr + h * D * D + rk[:, None] * D + rd[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+        x += tl.dot(rot, basis_t, input_precision="ieee")
+    x += tl.load(mean_ptr + h * D + rd, mask=dmask, other=0.0)[None, :]
     # Exact sinks (first block's spill) replace their codes.
     is_sink = inside & (pos < n_sink)
     index = pos[:, None] * (4 * D) + COMP * (2 * D) + 2 * rd[None, :]
@@ -55,7 +62,7 @@ def _gather_kernel(
     kb_ptr, ksh_ptr, k2_ptr, km_ptr, kl_ptr, klut_ptr, s_klut, kbt_ptr, kmean_ptr, kscale_ptr,
     vb_ptr, vsh_ptr, v2_ptr, vm_ptr, vl_ptr, vlut_ptr, s_vlut, vbt_ptr, vmean_ptr, vscale_ptr,
     K_MODE: tl.constexpr, K_FIELD: tl.constexpr, V_MODE: tl.constexpr, V_FIELD: tl.constexpr,
-    D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, KC: tl.constexpr, BT: tl.constexpr,
 ):  # fmt: skip
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -68,10 +75,10 @@ def _gather_kernel(
     entry = cache_ptr + tl.load(bt_ptr + b * s_bt).to(tl.int64) * s_blk + h * s_head
     _dequantise_write(k_out, s_ob, s_ol, s_oh, b, pos, inside, in_out, rows, entry, h,
                       kb_ptr, ksh_ptr, k2_ptr, km_ptr, kl_ptr, klut_ptr, s_klut, kbt_ptr, kmean_ptr, kscale_ptr,
-                      slot_bytes, sink_bytes, s_tok, n_sink, K_MODE, K_FIELD, 0, D, DP, BT)  # fmt: skip
+                      slot_bytes, sink_bytes, s_tok, n_sink, K_MODE, K_FIELD, 0, D, DP, KC, BT)  # fmt: skip
     _dequantise_write(v_out, s_ob, s_ol, s_oh, b, pos, inside, in_out, rows, entry, h,
                       vb_ptr, vsh_ptr, v2_ptr, vm_ptr, vl_ptr, vlut_ptr, s_vlut, vbt_ptr, vmean_ptr, vscale_ptr,
-                      slot_bytes, sink_bytes, s_tok, n_sink, V_MODE, V_FIELD, 1, D, DP, BT)  # fmt: skip
+                      slot_bytes, sink_bytes, s_tok, n_sink, V_MODE, V_FIELD, 1, D, DP, KC, BT)  # fmt: skip
 
 
 def _args(c: KernelComponent) -> list:
@@ -101,6 +108,6 @@ def gather_context(
         seq_lens, geometry.block_size, geometry.slot_bytes, max(geometry.sink_bytes, 1), geometry.sink_tokens,
         *_args(kc.key), *_args(kc.value),
         K_MODE=kc.key.mode, K_FIELD=kc.key.field_offset, V_MODE=kc.value.mode, V_FIELD=kc.value.field_offset,
-        D=d, DP=padded_dim(d), BT=_TOKENS_PER_PROGRAM, num_warps=4,
+        D=d, DP=padded_dim(d), KC=basis_rows_per_dot(padded_dim(d)), BT=_TOKENS_PER_PROGRAM, num_warps=4,
     )  # fmt: skip
     return k_out, v_out

@@ -16,7 +16,7 @@ import triton.language as tl
 from vllm_spectralquant.format.paged import CacheGeometry
 from vllm_spectralquant.format.params import LayerCodec
 from vllm_spectralquant.ops.kernel_codec import KernelComponent, kernel_codec, padded_dim
-from vllm_spectralquant.ops.triton_common import spill_pointers
+from vllm_spectralquant.ops.triton_common import basis_rows_per_dot, spill_pointers
 
 _TOKENS_PER_PROGRAM = 16
 #: Upper bound on slot bytes (134 B at head_dim 128 scales to 268 B at 256): one compiled variant for every preset.
@@ -36,26 +36,42 @@ def _bf16_bits(x):
 
 
 @triton.jit
+def _load_saturated(x_ptr, s_xt, s_xh, tok, tvalid, h, cols, D: tl.constexpr):
+    """x[tok, h, cols] as float32 [BT, len(cols)], 0 outside the tokens and D.
+
+    Non-finite input is saturated, as an fp16 cache would hold it (format.codec.saturate):
+    NaN -> 0, +-inf -> +-65504, for the codes and the exact sink copy alike.
+    """
+    x = tl.load(x_ptr + tok[:, None] * s_xt + h * s_xh + cols[None, :], mask=tvalid[:, None] & (cols < D)[None, :], other=0.0)
+    x = x.to(tl.float32)
+    x = tl.where(x != x, 0.0, x)
+    return tl.where(x == float("inf"), 65504.0, tl.where(x == float("-inf"), -65504.0, x))
+
+
+@triton.jit
 def _encode_write(
     x_ptr, s_xt, s_xh, tok, tvalid, rows, h,
     basis_ptr, mean_ptr, scale_ptr, lut_ptr, s_lut, meta_ptr, clut_ptr, cmask_ptr, cpack_ptr,
     blk, off, cache_ptr, s_blk, s_head, s_tok, slot_bytes, sink_bytes, n_sink,
     MODE: tl.constexpr, FIELD: tl.constexpr, COMP: tl.constexpr,
-    D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, KC: tl.constexpr, BT: tl.constexpr,
 ):  # fmt: skip
     """Quantise one component of the tile and write codes, fields and (sinks) the exact spill."""
     rd = tl.arange(0, DP)
     dmask = rd < D
-    x = tl.load(x_ptr + tok[:, None] * s_xt + h * s_xh + rd[None, :], mask=tvalid[:, None] & dmask[None, :], other=0.0)
-    # Non-finite input is saturated first, as an fp16 cache would hold it (format.codec.saturate):
-    # NaN -> 0, +-inf -> +-65504, for the codes and the exact sink copy alike.
-    x = x.to(tl.float32)
-    x = tl.where(x != x, 0.0, x)
-    x = tl.where(x == float("inf"), 65504.0, tl.where(x == float("-inf"), -65504.0, x))
-    mean = tl.load(mean_ptr + h * D + rd, mask=dmask, other=0.0)
+    x = _load_saturated(x_ptr, s_xt, s_xh, tok, tvalid, h, rd, D)
     scale = tl.load(scale_ptr + h * D + rd, mask=dmask, other=1.0)
-    basis = tl.load(basis_ptr + h * D * D + rd[:, None] * D + rd[None, :], mask=dmask[:, None] & dmask[None, :], other=0.0)
-    rn = tl.dot(x - mean[None, :], basis, input_precision="ieee") / scale[None, :]
+    # rn = (x - mean) @ basis, KC basis rows per dot (triton_common.basis_rows_per_dot: shared memory).
+    # A loop, neither unrolled nor pipelined (num_stages=1), so one KC-row slice is staged at a time.
+    rn = tl.zeros([BT, DP], dtype=tl.float32)
+    for c in tl.range(0, DP // KC, num_stages=1):
+        rk = c * KC + tl.arange(0, KC)
+        kmask = rk < D
+        xk = _load_saturated(x_ptr, s_xt, s_xh, tok, tvalid, h, rk, D)
+        xk = xk - tl.load(mean_ptr + h * D + rk, mask=kmask, other=0.0)[None, :]
+        bk = tl.load(basis_ptr + h * D * D + rk[:, None] * D + rd[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+        rn += tl.dot(xk, bk, input_precision="ieee")
+    rn = rn / scale[None, :]
 
     if MODE == 1:  # norm: unit vector, s = |rn| / |levels| after the codes are known
         norm = tl.sqrt(tl.sum(rn * rn, 1))
@@ -128,7 +144,7 @@ def _store_kernel(
     kb_ptr, km_ptr, ks_ptr, klut_ptr, s_klut, kmeta_ptr, kcl_ptr, kcm_ptr, kcp_ptr,
     vb_ptr, vm_ptr, vs_ptr, vlut_ptr, s_vlut, vmeta_ptr, vcl_ptr, vcm_ptr, vcp_ptr,
     K_MODE: tl.constexpr, K_FIELD: tl.constexpr, V_MODE: tl.constexpr, V_FIELD: tl.constexpr,
-    D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr, BT: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, KC: tl.constexpr, SP: tl.constexpr, BT: tl.constexpr,
 ):  # fmt: skip
     h = tl.program_id(1)
     tok = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -141,10 +157,10 @@ def _store_kernel(
 
     _encode_write(k_ptr, s_kt, s_kh, tok, tvalid, rows, h, kb_ptr, km_ptr, ks_ptr, klut_ptr, s_klut, kmeta_ptr,
                   kcl_ptr, kcm_ptr, kcp_ptr, blk, off, cache_ptr, s_blk, s_head, s_tok, slot_bytes, sink_bytes,
-                  n_sink, K_MODE, K_FIELD, 0, D, DP, BT)  # fmt: skip
+                  n_sink, K_MODE, K_FIELD, 0, D, DP, KC, BT)  # fmt: skip
     _encode_write(v_ptr, s_vt, s_vh, tok, tvalid, rows, h, vb_ptr, vm_ptr, vs_ptr, vlut_ptr, s_vlut, vmeta_ptr,
                   vcl_ptr, vcm_ptr, vcp_ptr, blk, off, cache_ptr, s_blk, s_head, s_tok, slot_bytes, sink_bytes,
-                  n_sink, V_MODE, V_FIELD, 1, D, DP, BT)  # fmt: skip
+                  n_sink, V_MODE, V_FIELD, 1, D, DP, KC, BT)  # fmt: skip
 
     # Unused budget at the end of the slot is zero, as in the reference.
     rs = tl.arange(0, SP)
@@ -182,5 +198,5 @@ def store_kv(
         geometry.block_size, geometry.slot_bytes, max(geometry.sink_bytes, 1), geometry.sink_tokens, kc.pad_start,
         *_component_args(kc.key), *_component_args(kc.value),
         K_MODE=kc.key.mode, K_FIELD=kc.key.field_offset, V_MODE=kc.value.mode, V_FIELD=kc.value.field_offset,
-        D=d, DP=dp, SP=_MAX_SLOT_BYTES, BT=_TOKENS_PER_PROGRAM, num_warps=8,
+        D=d, DP=dp, KC=basis_rows_per_dot(dp), SP=_MAX_SLOT_BYTES, BT=_TOKENS_PER_PROGRAM, num_warps=8,
     )  # fmt: skip
