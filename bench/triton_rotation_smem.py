@@ -1,6 +1,6 @@
 """GPU probe: do the Triton store and gather fit in shared memory at head_dim 256, per rotation slice size?
 
-    python bench/triton_store_smem.py   # one line per (kernel, basis rows per dot): OK or Triton's OutOfResources
+    python bench/triton_rotation_smem.py   # one line per (kernel, basis rows per dot): OK or Triton's OutOfResources
 
 256 rows = the whole basis in one dot (the kernels before slicing); the kernels use
 ``triton_common.BASIS_ROWS_PER_DOT``.

@@ -40,7 +40,7 @@ CASES = [
     ("sq4bit:sorted", 32, 2, 8, 16, 2, [40, 3]),
     ("sq2_5bit:sorted@22", 64, 2, 4, 16, 1, [37, 1, 18]),
     ("sq3bit:sorted@75", 64, 3, 3, 32, 1, [66, 5]),
-    # Gemma 3's head_dim: the Triton store rotates in two dots of 128 basis rows.
+    # Gemma 3's head_dim: the Triton store and gather rotate in dots of 64 basis rows (triton_common).
     ("sq3bit", 256, 1, 2, 16, 1, [20, 3]),
 ]
 
