@@ -138,7 +138,7 @@ def test_layer_budgets_go_where_the_error_falls_most():
 
 
 def test_attention_profile_counts_what_the_codes_carry():
-    """Concentration counts attention on coded keys only (the exact sinks are excluded)."""
+    """The error scale counts attention on coded keys only: the calibrated exact sinks are taken out."""
     from vllm_spectralquant.calibrate.stats import AttentionProfile
 
     t, d = 64, 8
@@ -146,10 +146,16 @@ def test_attention_profile_counts_what_the_codes_carry():
     k = torch.randn(1, t, 1, d)
     v = torch.randn(1, t, 1, d)
     prof = AttentionProfile.zeros(1)
-    prof.update(q, k, v, 1.0, exact_tokens=1)  # zero queries: uniform attention over 1..i
+    prof.update(q, k, v, 1.0)  # zero queries: uniform attention over 0..i
     first = AttentionProfile.FIRST_QUERY
-    want = sum((i) / (i + 1) ** 2 for i in range(first, t)) * 2  # i coded keys of weight 1/(i+1), 2 query heads
-    assert float(prof.concentration[0]) == pytest.approx(want, rel=1e-5)
-    assert prof.queries == 2 * (t - first) and float(prof.error_scale()[0]) > 0
+    for sinks in (0, 1, 2):
+        # query i: i + 1 keys of weight 1/(i+1), of which i + 1 - sinks are coded; 2 query heads
+        want = sum((i + 1 - sinks) / (i + 1) ** 2 for i in range(first, t)) * 2
+        assert float(prof.coded_concentration(sinks)[0]) == pytest.approx(want, rel=1e-5)
+        assert float(prof.error_scale(sinks)[0]) > 0
+    assert prof.queries == 2 * (t - first)
     merged = prof.merge(prof)
-    assert float(merged.concentration[0]) == pytest.approx(2 * want, rel=1e-5) and merged.queries == 2 * prof.queries
+    assert float(merged.coded_concentration(1)[0]) == pytest.approx(2 * float(prof.coded_concentration(1)[0]), rel=1e-5)
+    assert merged.queries == 2 * prof.queries
+    with pytest.raises(ValueError, match="sink_tokens"):
+        prof.error_scale(AttentionProfile.LEADING + 1)

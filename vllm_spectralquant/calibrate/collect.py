@@ -97,7 +97,7 @@ def collect_batch(
         t = time.perf_counter()
         layers[layer].update(q[use], k[use], v[use])
         if profile_attention:
-            layers[layer].attention.update(q, k, v, shape.softmax_scale, skip_first)
+            layers[layer].attention.update(q, k, v, shape.softmax_scale)
         samples[layer] = KVSample(k[keep].contiguous(), v[keep].contiguous())
         torch.maximum(key_outliers, key_outlier_scores(k).cpu(), out=key_outliers)
         stats_seconds += time.perf_counter() - t

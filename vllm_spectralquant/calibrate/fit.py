@@ -57,8 +57,12 @@ class LayerBasis:
         return self.key.mean.shape[1]
 
 
-def fit_basis(stats: LayerStats, softmax_scale: float) -> LayerBasis:
-    """PCA bases, sigmas and importance weights from first-pass statistics."""
+def fit_basis(stats: LayerStats, softmax_scale: float, sink_tokens: int = 1) -> LayerBasis:
+    """PCA bases, sigmas and importance weights from first-pass statistics.
+
+    ``sink_tokens``: the leading tokens served exactly (manifest ``sinks.tokens``), whose attention the
+    error scale leaves out.
+    """
     if stats.key.count < 2:
         raise FormatError(f"need at least 2 calibration tokens, got {stats.key.count}")
     k_spec = spectrum(stats.key.covariance())
@@ -85,7 +89,7 @@ def fit_basis(stats: LayerStats, softmax_scale: float) -> LayerBasis:
     return LayerBasis(
         component(stats.key.mean(), k_spec, k_weight),
         component(stats.value.mean(), v_spec, v_weight),
-        stats.attention.error_scale(),
+        stats.attention.error_scale(sink_tokens),
     )
 
 

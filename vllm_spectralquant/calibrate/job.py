@@ -247,8 +247,11 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
     seconds["statistics"] = stats.stats_seconds
 
     t2 = time.perf_counter()
-    fit = fit_model(stats, shape, presets, key_weight_scale=cfg.key_weight, layer_budgets_by_error=cfg.layer_budgets)
     sinks = measure_sinks(stats)
+    fit = fit_model(
+        stats, shape, presets, key_weight_scale=cfg.key_weight, layer_budgets_by_error=cfg.layer_budgets,
+        sink_tokens=sinks.tokens,
+    )  # fmt: skip
     seconds["fit"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()

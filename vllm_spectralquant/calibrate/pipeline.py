@@ -42,13 +42,16 @@ def fit_model(
     fitted_codebooks: bool = True,
     key_weight_scale: float = DEFAULT_KEY_WEIGHT,
     layer_budgets_by_error: bool = False,
+    sink_tokens: int = 1,
 ) -> ModelFit:
     """Bases from the moments, codebooks fitted to the sampled tokens (or Gaussian), a codec per preset.
 
     With ``layer_budgets_by_error`` each preset's bytes are spread over the layers by the measured
     attention error (:func:`layer_budgets`; the preset's size is then the mean), else every layer gets them.
+    ``sink_tokens``: the leading tokens the cache keeps exact (the calibrated sink count), whose
+    attention that error leaves out.
     """
-    bases = [fit_basis(layer, shape.softmax_scale) for layer in stats.layers]
+    bases = [fit_basis(layer, shape.softmax_scale, sink_tokens) for layer in stats.layers]
     hists = histograms_from_samples(bases, stats.samples) if fitted_codebooks else [None] * len(bases)
     tables = fit_codebooks(hists, shape.num_kv_heads, shape.head_dim)
     codecs = {}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_spectralquant.calibrate.sinks import MAX_SINK_TOKENS
 from vllm_spectralquant.format.presets import GROUP_SIZE
 
 #: Histogram of normalised coordinates: NBINS equal bins over [-HIST_RANGE, HIST_RANGE] sigmas;
@@ -72,28 +73,39 @@ class AttentionProfile:
     straight into its output. Summed over the scored queries (each query head of the KV head's group,
     causal attention over the window):
 
-    * ``concentration`` [H]: ``sum_t p_t^2`` over the coded keys (positions >= the exact sinks);
+    * ``concentration`` [H]: ``sum_t p_t^2`` over every key;
+    * ``leading`` [H, LEADING]: the part of it on each of the first LEADING positions, so that the
+      exact sink tokens, whose count calibration decides after this pass, can be taken out
+      (:meth:`error_scale`);
     * ``energy`` [H]: ``|o|^2``, the attention output's squared norm.
     """
 
     concentration: torch.Tensor  # float64 [H]
+    leading: torch.Tensor  # float64 [H, LEADING]
     energy: torch.Tensor  # float64 [H]
     queries: int = 0  # (query head, position) pairs summed
 
+    #: Leading positions recorded one by one: every sink count calibration can choose (sinks.MAX_SINK_TOKENS).
+    LEADING = MAX_SINK_TOKENS
+
     @classmethod
     def zeros(cls, num_kv_heads: int) -> AttentionProfile:
-        return cls(torch.zeros(num_kv_heads, dtype=torch.float64), torch.zeros(num_kv_heads, dtype=torch.float64))
+        def z(*shape):
+            return torch.zeros(*shape, dtype=torch.float64)
+
+        return cls(z(num_kv_heads), z(num_kv_heads, cls.LEADING), z(num_kv_heads))
 
     #: Queries this early in a window see only a handful of keys (position 1 sees the sink alone) and
     #: say nothing about the long contexts the cache serves.
     FIRST_QUERY = 32
 
-    def update(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, exact_tokens: int) -> None:
+    def update(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> None:
         """q [B, T, Hq, D], k, v [B, T, H, D] of whole windows (post-RoPE, positions 0..T-1 of each)."""
         b, t, hq, d = q.shape
         h = k.shape[2]
         g = hq // h
         first = min(self.FIRST_QUERY, t - 1)
+        lead = min(self.LEADING, t)
         causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
         for w in range(b):
             for head in range(h):
@@ -101,18 +113,29 @@ class AttentionProfile:
                 scores = (qh @ k[w, :, head].float().T) * softmax_scale  # [g, T, T]
                 p = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)[:, first:]
                 out = p @ v[w, :, head].float()  # [g, T - first, D]
-                self.concentration[head] += float(p[..., exact_tokens:].square().sum())
+                p2 = p.square()
+                self.concentration[head] += float(p2.sum())
+                self.leading[head, :lead] += p2[..., :lead].sum((0, 1)).double().cpu()
                 self.energy[head] += float(out.square().sum())
         self.queries += b * g * (t - first)
 
     def merge(self, other: AttentionProfile) -> AttentionProfile:
         return AttentionProfile(
-            self.concentration + other.concentration, self.energy + other.energy, self.queries + other.queries
+            self.concentration + other.concentration,
+            self.leading + other.leading,
+            self.energy + other.energy,
+            self.queries + other.queries,
         )
 
-    def error_scale(self) -> torch.Tensor:
-        """float64 [H]: relative output error per unit of the cost model's error (concentration / energy)."""
-        return self.concentration / self.energy.clamp(min=1e-30)
+    def coded_concentration(self, sink_tokens: int) -> torch.Tensor:
+        """float64 [H]: ``sum_t p_t^2`` over the coded keys (positions >= ``sink_tokens``, which are exact)."""
+        if not 0 <= sink_tokens <= self.LEADING:
+            raise ValueError(f"sink_tokens must be between 0 and {self.LEADING}, got {sink_tokens}")
+        return (self.concentration - self.leading[:, :sink_tokens].sum(1)).clamp(min=0)
+
+    def error_scale(self, sink_tokens: int) -> torch.Tensor:
+        """float64 [H]: relative output error per unit of the cost model's error (coded concentration / energy)."""
+        return self.coded_concentration(sink_tokens) / self.energy.clamp(min=1e-30)
 
 
 @dataclass

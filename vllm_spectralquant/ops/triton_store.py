@@ -59,15 +59,25 @@ def _encode_write(
     """Quantise one component of the tile and write codes, fields and (sinks) the exact spill."""
     rd = tl.arange(0, DP)
     dmask = rd < D
-    x = _load_saturated(x_ptr, s_xt, s_xh, tok, tvalid, h, rd, D)
     scale = tl.load(scale_ptr + h * D + rd, mask=dmask, other=1.0)
+    # Exact sink spill: token at block offset o owns spill bytes [o*4D, (o+1)*4D): K then V, bf16.
+    is_sink = tvalid & (off < n_sink)
+    entry = cache_ptr + blk * s_blk + h * s_head
     # rn = (x - mean) @ basis, KC basis rows per dot (triton_common.basis_rows_per_dot: shared memory).
-    # A loop, neither unrolled nor pipelined (num_stages=1), so one KC-row slice is staged at a time.
+    # A loop, neither unrolled nor pipelined (num_stages=1), so one KC-row slice is staged at a time;
+    # each slice of the input is loaded once, for its dot and for its part of the sink spill.
     rn = tl.zeros([BT, DP], dtype=tl.float32)
     for c in tl.range(0, DP // KC, num_stages=1):
         rk = c * KC + tl.arange(0, KC)
         kmask = rk < D
         xk = _load_saturated(x_ptr, s_xt, s_xh, tok, tvalid, h, rk, D)
+        bits16 = _bf16_bits(xk)
+        index = off[:, None] * (4 * D) + COMP * (2 * D) + 2 * rk[None, :]
+        smask = is_sink[:, None] & kmask[None, :]
+        ptr = spill_pointers(entry[:, None], index, slot_bytes, sink_bytes, s_tok)
+        tl.store(ptr, (bits16 & 0xFF).to(tl.uint8), mask=smask)
+        ptr = spill_pointers(entry[:, None], index + 1, slot_bytes, sink_bytes, s_tok)
+        tl.store(ptr, (bits16 >> 8).to(tl.uint8), mask=smask)
         xk = xk - tl.load(mean_ptr + h * D + rk, mask=kmask, other=0.0)[None, :]
         bk = tl.load(basis_ptr + h * D * D + rk[:, None] * D + rd[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
         rn += tl.dot(xk, bk, input_precision="ieee")
@@ -124,17 +134,6 @@ def _encode_write(
         zb = z.to(tl.float16).to(tl.uint16, bitcast=True)
         tl.store(rows + FIELD + 2, (zb & 0xFF).to(tl.uint8), mask=tvalid)
         tl.store(rows + FIELD + 3, (zb >> 8).to(tl.uint8), mask=tvalid)
-
-    # Exact sink spill: token at block offset o owns spill bytes [o*4D, (o+1)*4D): K then V, bf16.
-    is_sink = tvalid & (off < n_sink)
-    bits16 = _bf16_bits(x)
-    index = off[:, None] * (4 * D) + COMP * (2 * D) + 2 * rd[None, :]
-    entry = cache_ptr + blk * s_blk + h * s_head
-    smask = is_sink[:, None] & dmask[None, :]
-    ptr = spill_pointers(entry[:, None], index, slot_bytes, sink_bytes, s_tok)
-    tl.store(ptr, (bits16 & 0xFF).to(tl.uint8), mask=smask)
-    ptr = spill_pointers(entry[:, None], index + 1, slot_bytes, sink_bytes, s_tok)
-    tl.store(ptr, (bits16 >> 8).to(tl.uint8), mask=smask)
 
 
 @triton.jit
