@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_spectralquant.artifact.schema import PRESET_VALUE_MEAN
 from vllm_spectralquant.artifact.store import default_artifact_dir, load_artifact
 from vllm_spectralquant.corpus import held_out, read_corpus
 from vllm_spectralquant.files import write_atomic
@@ -180,6 +181,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layer-groups", type=int, default=4)
     ap.add_argument("--layer-presets", help="per-layer presets instead of --preset, e.g. 0-7:sq4bit,8-29:sq2_5bit "
                     "(prices a bit budget that moves between layers)")
+    ap.add_argument("--shared-value-mean", action="store_true",
+                    help="ignore the presets' sink-anchored value means (calibrate/anchor.py): the ablation")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -195,6 +198,9 @@ def main(argv=None) -> int:
     else:
         per_layer = layer_presets(args.layer_presets, shape.num_layers) if args.layer_presets else [args.preset] * shape.num_layers
         art = load_artifact(args.artifact or default_artifact_dir(args.model), presets=sorted(set(per_layer)))
+        if args.shared_value_mean:
+            for tensors in art.presets.values():
+                tensors.pop(PRESET_VALUE_MEAN, None)
         codecs = [art.layer_codec(per_layer[i], i) for i in range(shape.num_layers)]
         if args.layer_presets:
             mean_bytes = sum(c.slot_bytes for c in codecs) / len(codecs)
@@ -260,7 +266,7 @@ def main(argv=None) -> int:
 
     out = {"model": args.model.name, "preset": args.preset, "date": datetime.date.today().isoformat(),
            "window_tokens": args.window_tokens, "chunk": args.chunk, "sink_tokens": args.sink_tokens,
-           "outlier_rank": args.outlier_rank, "seconds": round(time.time() - t0, 1), "rows": rows}
+           "outlier_rank": args.outlier_rank, "shared_value_mean": args.shared_value_mean, "seconds": round(time.time() - t0, 1), "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         print(f"wrote {write_atomic(args.out, json.dumps(out, indent=1).encode())}")

@@ -212,7 +212,16 @@ def test_calibrate_smollm2(tmp_path, example_model_dir, capsys):
     assert pr(k_eig) < pr(v_eig)
     for layer in range(30):
         art.layer_codec("sq2_5bit", layer)
+    # SmolLM2 attends to sinks in mid-text (layers 3-10): those heads' value means are anchored, per preset.
+    own, shared = art.presets["sq2_5bit"]["value.mean"], art.bases["value.mean"]
+    moved = (own - shared).abs().amax(-1) > 0  # [L, H]
+    assert 0 < int(moved.sum()) < moved.numel()
+    layer, head = (int(i) for i in moved.nonzero()[0])
+    assert torch.equal(art.layer_codec("sq2_5bit", layer).value.mean[head], own[layer, head])
+    art.presets["sq2_5bit"].pop("value.mean")  # an artifact written before anchoring: the shared mean
+    assert torch.equal(art.layer_codec("sq2_5bit", layer).value.mean[head], shared[layer, head])
     report = (result.artifact / "report.md").read_text()
     assert "SmolLM2-135M-Instruct" in report and "| 29 |" in report
+    assert f"**Sink-anchored values**: {int(moved.sum())} of 90" in report
     assert cli(["example-model"]) == 0
     assert str(example_model_dir) in capsys.readouterr().out

@@ -145,7 +145,7 @@ def test_attention_profile_counts_what_the_codes_carry():
     q = torch.zeros(1, t, 2, d)
     k = torch.randn(1, t, 1, d)
     v = torch.randn(1, t, 1, d)
-    prof = AttentionProfile.zeros(1)
+    prof = AttentionProfile.zeros(1, d)
     prof.update(q, k, v, 1.0)  # zero queries: uniform attention over 0..i
     first = AttentionProfile.FIRST_QUERY
     for sinks in (0, 1, 2):

@@ -36,6 +36,16 @@ def bases_schema(num_layers: int, num_kv_heads: int, head_dim: int) -> dict[str,
     return {tensor_name(c, f): s for c in COMPONENTS for f, s in fields.items()}
 
 
+#: A preset's own value mean [L, H, D] (sink-anchored, calibrate/anchor.py). Optional: artifacts written
+#: before it use the value mean of ``bases.safetensors``.
+PRESET_VALUE_MEAN = "value.mean"
+
+
+def preset_optional_schema(num_layers: int, num_kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of the optional tensors of ``preset-<name>.safetensors``."""
+    return {PRESET_VALUE_MEAN: (num_layers, num_kv_heads, head_dim)}
+
+
 def preset_schema(num_layers: int, num_kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape of ``preset-<name>.safetensors``."""
     lhg = (num_layers, num_kv_heads, head_dim // GROUP_SIZE)

@@ -32,7 +32,13 @@ from vllm_spectralquant._version import __version__
 from vllm_spectralquant.artifact.errors import ArtifactError
 from vllm_spectralquant.files import file_sha256
 from vllm_spectralquant.artifact.fingerprint import mismatches
-from vllm_spectralquant.artifact.schema import bases_schema, preset_schema, tensor_name
+from vllm_spectralquant.artifact.schema import (
+    PRESET_VALUE_MEAN,
+    bases_schema,
+    preset_optional_schema,
+    preset_schema,
+    tensor_name,
+)
 from vllm_spectralquant.artifact.manifest import (
     BASES_FILE,
     MANIFEST_NAME,
@@ -172,9 +178,12 @@ class Artifact:
         tensors = self.presets[preset]
 
         def component(c: str) -> ComponentCodec:
+            # A preset's own (sink-anchored) value mean wins over the shared one.
+            own = tensors.get(PRESET_VALUE_MEAN) if c == "value" else None
+            mean = own if own is not None else self.bases[tensor_name(c, "mean")]
             return ComponentCodec(
                 basis=self.bases[tensor_name(c, "basis")][layer, heads].float(),
-                mean=self.bases[tensor_name(c, "mean")][layer, heads].float(),
+                mean=mean[layer, heads].float(),
                 scale=self.bases[tensor_name(c, "scale")][layer, heads].float(),
                 bits=tensors[tensor_name(c, "bits")][layer, heads].to(torch.int32),
                 codebooks=tensors[tensor_name(c, "codebooks")][layer, heads].float(),
@@ -249,11 +258,15 @@ def _load_tensors(f: Path) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"cannot read {f} ({e}); the artifact is corrupted, re-run spectralquant calibrate") from e
 
 
-def _check_tensors(f: Path, tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
-    for name, shape in shapes.items():
+def _check_tensors(
+    f: Path, tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], optional: dict[str, tuple[int, ...]] | None = None
+) -> None:
+    for name, shape in {**shapes, **(optional or {})}.items():
         t = tensors.get(name)
-        if t is None:
+        if t is None and name in shapes:
             raise ArtifactError(f"{f} lacks tensor {name!r}; re-run spectralquant calibrate")
+        if t is None:
+            continue
         if tuple(t.shape) != shape:
             raise ArtifactError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -296,6 +309,6 @@ def load_artifact(
     for n in names:
         f = path / preset_file(n)
         tensors = _load_tensors(f)
-        _check_tensors(f, tensors, preset_schema(*shape))
+        _check_tensors(f, tensors, preset_schema(*shape), preset_optional_schema(*shape))
         loaded[n] = tensors
     return Artifact(path, manifest, bases, loaded)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_spectralquant.calibrate.anchor import anchor_mean
 from vllm_spectralquant.calibrate.allocation import allocate_bits, allocate_layer_budgets, error_curve
 from vllm_spectralquant.calibrate.basis import Spectrum, sigma_from_variance, spectrum
 from vllm_spectralquant.calibrate.codebook_fit import CodebookTable, fit_table, gaussian_table
@@ -47,6 +48,10 @@ class LayerBasis:
     #: float64 [H]: relative attention-output error per unit of the cost model's error
     #: (``AttentionProfile.error_scale``); zeros when the attention was not profiled.
     error_scale: torch.Tensor
+    #: float64 [H, D] / bool [H]: the value the head's coded attention sinks carry and whether it has
+    #: any (``AttentionProfile.sink_value``); None when the attention was not profiled.
+    sink_value: torch.Tensor | None = None
+    sink_found: torch.Tensor | None = None
 
     @property
     def num_kv_heads(self) -> int:
@@ -86,10 +91,13 @@ def fit_basis(stats: LayerStats, softmax_scale: float, sink_tokens: int = 1) -> 
             spectrum=spec,
         )
 
+    sink_value, sink_found = stats.attention.sink_value(sink_tokens)
     return LayerBasis(
         component(stats.key.mean(), k_spec, k_weight),
         component(stats.value.mean(), v_spec, v_weight),
         stats.attention.error_scale(sink_tokens),
+        sink_value,
+        sink_found,
     )
 
 
@@ -192,11 +200,14 @@ def fit_codec(
     preset: Preset,
     key_weight_scale: float = DEFAULT_KEY_WEIGHT,
     data_bytes: int | None = None,
+    anchor_sinks: bool = True,
 ) -> LayerCodec:
     """The SpectralQuant codec of one layer for ``preset``.
 
     ``key_weight_scale`` multiplies the keys' importance against the values' (1 = the cost model).
     ``data_bytes``: this layer's own code bytes per head-token (:func:`layer_budgets`); None: the preset's.
+    ``anchor_sinks``: shift the value mean so the sinks' value codes exactly (``anchor.py``), where the
+    attention profile found sinks.
     """
     if preset.method != "spectralquant":
         raise FormatError(f"fit_codec fits SpectralQuant presets; {preset.name} is {preset.method}")
@@ -219,10 +230,12 @@ def fit_codec(
             token_scale=TokenScale.NONE,
         )
 
+    value = component(basis.value, codebooks.value, v_bits)
+    if anchor_sinks and basis.sink_found is not None and bool(basis.sink_found.any()):
+        # Values only: keys carry RoPE, so a sink's key differs with its position.
+        value = anchor_mean(value, basis.sink_value, basis.sink_found)
     slot = None if data_bytes is None else data_bytes + preset.meta_bytes
-    return LayerCodec(
-        preset, component(basis.key, codebooks.key, k_bits), component(basis.value, codebooks.value, v_bits), slot
-    ).validate()
+    return LayerCodec(preset, component(basis.key, codebooks.key, k_bits), value, slot).validate()
 
 
 def fit_codecs_from_samples(

@@ -24,7 +24,7 @@ import torch
 from vllm_spectralquant.artifact.errors import ArtifactError
 from vllm_spectralquant.artifact.fingerprint import fingerprint, read_config
 from vllm_spectralquant.artifact.manifest import CorpusInfo, PresetEntry, SinkInfo, preset_file
-from vllm_spectralquant.artifact.schema import COMPONENTS, tensor_name
+from vllm_spectralquant.artifact.schema import COMPONENTS, PRESET_VALUE_MEAN, tensor_name
 from vllm_spectralquant.artifact.store import check_destination, default_artifact_dir, write_artifact
 from vllm_spectralquant.calibrate.collect import ModelStats
 from vllm_spectralquant.calibrate.errors import CalibrationError
@@ -233,14 +233,14 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
             batch_size=cfg.batch_size,
             sample_stride=sample_stride,
             skip_first=cfg.skip_first,
-            profile_attention=cfg.layer_budgets,
+            profile_attention=True,
             device=cfg.device,
             progress=on_tokens,
         )
     else:
         stats = collect_in_process(
             model, windows, offsets, batch_size=cfg.batch_size, sample_stride=sample_stride, skip_first=cfg.skip_first,
-            profile_attention=cfg.layer_budgets, progress=on_tokens,
+            profile_attention=True, progress=on_tokens,
         )  # fmt: skip
     seconds["collect"] = time.perf_counter() - t1
     seconds["forward"] = stats.forward_seconds  # summed over workers
@@ -324,6 +324,8 @@ def artifact_tensors(fit: ModelFit) -> tuple[dict[str, torch.Tensor], dict[str, 
         for comp in COMPONENTS:
             tensors[tensor_name(comp, "bits")] = torch.stack([getattr(c, comp).bits for c in codecs]).to(torch.int32)
             tensors[tensor_name(comp, "codebooks")] = torch.stack([getattr(c, comp).codebooks for c in codecs]).float()
+        # The preset's own value mean: sink anchoring (calibrate/anchor.py) puts it on this preset's levels.
+        tensors[PRESET_VALUE_MEAN] = torch.stack([c.value.mean for c in codecs]).float()
         k_mse, v_mse = expected_rel_mse(fit, name)
         entry = PresetEntry(
             name=name,
@@ -385,6 +387,7 @@ def build_report_data(cfg: CalibrationConfig, fit: ModelFit, corpus: CorpusInfo,
             presets=presets,
             sink_tokens=None if sinks is None else sinks.tokens,
             sink_share=None if sinks is None else sinks.share_by_position,
+            anchored_heads=sum(int(b.sink_found.sum()) for b in fit.bases if b.sink_found is not None),
         )
 
     return make
@@ -402,8 +405,11 @@ def ensure_calibrated(model_dir: Path | str, *, tokens: int = 16384, out_dir: Pa
     out = Path(out_dir) if out_dir is not None else default_artifact_dir(model_dir)
     if out.exists():
         try:
-            corpus = load_artifact(out, expect=fingerprint_of(model_dir)).manifest.corpus
-            if corpus.key_weight == DEFAULT_KEY_WEIGHT and corpus.tokens >= tokens:
+            art = load_artifact(out, expect=fingerprint_of(model_dir))
+            corpus = art.manifest.corpus
+            # Artifacts written before sink anchoring have no per-preset value mean.
+            anchored = all(PRESET_VALUE_MEAN in t for t in art.presets.values())
+            if corpus.key_weight == DEFAULT_KEY_WEIGHT and corpus.tokens >= tokens and anchored:
                 return out
             logger.warning("recalibrating %s: fitted with other settings", out)
         except ArtifactError as e:

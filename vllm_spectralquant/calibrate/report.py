@@ -75,6 +75,7 @@ class ReportData:
     presets: list[PresetReport]
     sink_tokens: int | None = None  # exact leading tokens the calibration windows call for
     sink_share: list[float] | None = None  # fraction of windows with a sink at position 0, 1, ...
+    anchored_heads: int | None = None  # (layer, KV head) pairs whose value mean is sink-anchored
 
 
 # --- effective dimension ------------------------------------------------------------------------
@@ -277,6 +278,12 @@ def _markdown(data: ReportData, pr_key: torch.Tensor, pr_value: torch.Tensor) ->
             f"- **Attention sinks**: the first {data.sink_tokens} token(s) of every sequence are kept exact "
             f"(windows with a sink at each leading position: {share}; sinks from position {MAX_SINK_TOKENS} "
             "on are not kept)",
+        ]
+    if data.anchored_heads is not None:
+        out += [
+            f"- **Sink-anchored values**: {data.anchored_heads} of {L * data.num_kv_heads} (layer, KV head) pairs "
+            "have coded attention sinks; their value mean is shifted so the sinks' value decodes exactly "
+            "(calibrate/anchor.py)",
         ]
     out += [
         "",

@@ -67,6 +67,11 @@ def _lookup_levels(codes: torch.Tensor, comp: ComponentCodec) -> torch.Tensor:
     return torch.gather(cb, 3, codes).reshape(n, h, g * GROUP_SIZE)
 
 
+def quantize_rotated(u: torch.Tensor, comp: ComponentCodec) -> torch.Tensor:
+    """Nearest codebook level of each coordinate: u float32 [N, H, D] (rotated, sigma units) -> [N, H, D]."""
+    return _lookup_levels(_nearest_level(u, comp), comp)
+
+
 def saturate(x: torch.Tensor) -> torch.Tensor:
     """float32 copy with the defined runtime behaviour for non-finite input: NaN -> 0, +-inf -> +-65504.
 
