@@ -90,7 +90,7 @@ def test_artifact_files_follow_the_schema_the_reader_checks(tiny_artifact):
     from safetensors import safe_open
 
     from vllm_spectralquant.artifact import load_artifact
-    from vllm_spectralquant.artifact.schema import bases_schema, preset_schema
+    from vllm_spectralquant.artifact.schema import bases_schema, preset_optional_schema, preset_schema
 
     art = load_artifact(tiny_artifact.artifact)
     m = art.model
@@ -99,7 +99,8 @@ def test_artifact_files_follow_the_schema_the_reader_checks(tiny_artifact):
         assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == bases_schema(*dims)
     for p in art.manifest.presets:
         with safe_open(str(art.path / p.file), "pt") as f:
-            assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == preset_schema(*dims)
+            # The writer always writes the optional tensors too (readers accept artifacts without them).
+            assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == {**preset_schema(*dims), **preset_optional_schema(*dims)}
 
 
 @pytest.mark.parametrize(
