@@ -121,6 +121,7 @@ class AttentionProfile:
         first = min(self.FIRST_QUERY, t - 1)
         lead = min(self.LEADING, t)
         causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        sink_row = torch.arange(t).clamp(max=self.LEADING)  # each leading position its own row, then one row
         for w in range(b):
             for head in range(h):
                 qh = q[w, :, head * g : (head + 1) * g].float().transpose(0, 1)  # [g, T, D]
@@ -134,9 +135,8 @@ class AttentionProfile:
                 self.energy[head] += float(out.square().sum())
                 mass = p.mean((0, 1))  # [T]: the share of the window's attention each key receives
                 mass = torch.where(mass >= self.SINK_VALUE_MASS, mass, 0.0)
-                row = torch.clamp(torch.arange(t, device=mass.device), max=self.LEADING)  # leading rows, then one
-                self.sink_mass[head].index_add_(0, row.cpu(), mass.double().cpu())
-                self.sink_value_sum[head].index_add_(0, row.cpu(), (mass[:, None] * vh).double().cpu())
+                self.sink_mass[head].index_add_(0, sink_row, mass.double().cpu())
+                self.sink_value_sum[head].index_add_(0, sink_row, (mass[:, None] * vh).double().cpu())
         self.queries += b * g * (t - first)
 
     def merge(self, other: AttentionProfile) -> AttentionProfile:
