@@ -13,7 +13,16 @@ layers is compressed; with ``--keep-outliers N`` it keeps the N most outlying to
 16-token block exact (ranked by the key's largest |coordinate| in the calibrated frame), to price
 that format idea before building it.
 
+With ``--needles`` it scores needle-in-a-haystack trials instead of perplexity windows: the same
+trials ``spectralquant eval`` builds from ``--needle-lengths``/``--needle-depths`` (pick some with
+``--needle-trials``). Per trial it reports, teacher-forced on the answer, the answer's NLL, whether
+every answer token is the top-1 (what greedy decoding needs) and the worst token's logit margin, for
+the exact cache, the compressed one, keys exact, values exact and (``--per-layer``) one layer group
+compressed at a time: which part of the cache loses a needle.
+
     python bench/quality_probe.py --model DIR --preset sq3bit [--windows 3] [--per-layer]
+    python bench/quality_probe.py --model DIR --preset sq2_5bit --needles --needle-lengths 1024 4096 8176 \
+        --needle-depths 0.1 0.25 0.5 0.75 0.9 --needle-trials 5 12 [--per-layer]
 """
 
 from __future__ import annotations
@@ -146,6 +155,58 @@ def window_nll(model, ids: torch.Tensor, first_scored: int) -> float:
     return float(-lp.gather(1, ids[first_scored:, None]).mean())
 
 
+def answer_score(model, prompt_ids: list[int], answer_ids: list[int]) -> dict:
+    """Teacher-forced answer after the prompt: NLL (nats, summed over the answer tokens), whether each
+    answer token is the argmax (greedy would produce the answer) and the smallest logit margin of the
+    answer token over the best other token (negative: greedy goes wrong there)."""
+    ids = torch.tensor(prompt_ids + answer_ids)
+    with torch.no_grad():
+        logits = model(input_ids=ids[None], use_cache=False, logits_to_keep=len(answer_ids) + 1).logits[0].float()
+    logits = logits[:-1]  # positions predicting the answer tokens
+    target = torch.tensor(answer_ids)
+    lp = torch.log_softmax(logits, -1).gather(1, target[:, None])[:, 0]
+    own = logits.gather(1, target[:, None])[:, 0]
+    other = logits.scatter(1, target[:, None], -math.inf).amax(-1)
+    margin = own - other
+    return {"nll": round(float(-lp.sum()), 4), "top1": bool((margin > 0).all()), "min_margin": round(float(margin.min()), 3)}
+
+
+def probe_needles(args, model, tok, shape, codecs) -> dict:
+    """The ``--needles`` mode: teacher-forced answer scores per trial and cache variant."""
+    from transformers import AttentionInterface
+
+    from vllm_spectralquant.evaluation.needle import build_trials
+
+    text = held_out(tok, read_corpus(None))
+    trials = build_trials(tok, text.ids.tolist(), args.needle_lengths, args.needle_depths)
+    chosen = args.needle_trials if args.needle_trials else list(range(len(trials)))
+    sim = SimulatedCache(codecs, args.chunk, args.sink_tokens)
+    sim.emulated = args.emulated
+    AttentionInterface.register(PROBE_ATTN, sim.attention)
+    n = shape.num_layers
+    bounds = [round(n * g / args.layer_groups) for g in range(args.layer_groups + 1)]
+    variants: list[tuple[str, str | None, set[int] | None]] = [("compressed", None, None), ("keys exact", "key", None),
+                                                                ("values exact", "value", None)]
+    if args.per_layer:
+        variants += [(f"only layers {a}-{b - 1}", None, set(range(a, b))) for a, b in zip(bounds, bounds[1:])]
+    rows = []
+    for i in chosen:
+        t = trials[i]
+        prompt = text.prefix + t.prompt_ids
+        answer = tok(" " + t.value, add_special_tokens=False)["input_ids"]
+        model.set_attn_implementation("sdpa")
+        row = {"trial": i, "context_tokens": t.context_tokens, "depth": t.depth, "exact": answer_score(model, prompt, answer)}
+        print(f"needle {i} ({t.context_tokens} @ {t.depth}): exact {row['exact']}", flush=True)
+        model.set_attn_implementation(PROBE_ATTN)
+        for name, exact_component, layers in variants:
+            sim.exact_component, sim.layers = exact_component, layers
+            row[name] = answer_score(model, prompt, answer)
+            print(f"  {name}: {row[name]}", flush=True)
+        sim.exact_component, sim.layers = None, None
+        rows.append(row)
+    return {"needle_lengths": args.needle_lengths, "needle_depths": args.needle_depths, "trials": rows}
+
+
 def layer_presets(spec: str, num_layers: int) -> list[str]:
     """'0-7:sq4bit,8-29:sq2_5bit' -> one preset name per layer (every layer named exactly once)."""
     out: list[str | None] = [None] * num_layers
@@ -183,6 +244,10 @@ def main(argv=None) -> int:
                     "(prices a bit budget that moves between layers)")
     ap.add_argument("--shared-value-mean", action="store_true",
                     help="ignore the presets' sink-anchored value means (calibrate/anchor.py): the ablation")
+    ap.add_argument("--needles", action="store_true", help="score needle trials (teacher-forced answer) instead of windows")
+    ap.add_argument("--needle-lengths", type=int, nargs="+", default=[1024, 4096, 8176])
+    ap.add_argument("--needle-depths", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75, 0.9])
+    ap.add_argument("--needle-trials", type=int, nargs="*", help="indices of the trials to run (default: all)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -206,6 +271,14 @@ def main(argv=None) -> int:
             mean_bytes = sum(c.slot_bytes for c in codecs) / len(codecs)
             args.preset = f"{args.layer_presets} (mean {mean_bytes:.2f} B/head-token)"
             print(f"per-layer presets: {args.preset}", flush=True)
+    if args.needles:
+        out = {"model": args.model.name, "preset": args.preset, "date": datetime.date.today().isoformat(), "chunk": args.chunk,
+               "sink_tokens": args.sink_tokens, **probe_needles(args, model, tok, shape, codecs)}
+        out["seconds"] = round(time.time() - t0, 1)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            print(f"wrote {write_atomic(args.out, json.dumps(out, indent=1).encode())}")
+        return 0
     text = held_out(tok, read_corpus(None))
     prefix = text.prefix
     windows = [torch.tensor(w) for w in text.windows(args.window_tokens, args.ppl_windows)]

@@ -118,6 +118,32 @@ def test_bad_options(tmp_path, tiny_calib_model_dir, text_corpus):
         calibrate(CalibrationConfig(**base, out_dir=tmp_path / "d", ray_address="127.0.0.1:9"))
 
 
+def test_layer_budgets_for_named_presets_only(tmp_path, tiny_calib_model_dir, text_corpus):
+    """``--layer-budgets sq4bit``: that preset's layers get their own sizes (mean = the preset's), the
+    other presets stay uniform; a preset that is not fitted is refused before anything loads."""
+    out = tmp_path / "art"
+    rc = cli(["calibrate", str(tiny_calib_model_dir), "--corpus", str(text_corpus), "--tokens", "512", "--window", "128",
+              "--out", str(out), "--quiet", "--layer-budgets", "sq4bit"])
+    assert rc == 0
+    m = load_artifact(out, expect=fingerprint_of(tiny_calib_model_dir)).manifest
+    assert m.preset("sq2_5bit").layer_slot_bytes is None and m.preset("sq3bit").layer_slot_bytes is None
+    slots = m.preset("sq4bit").layer_slot_bytes
+    assert slots is not None and sum(slots) == 3 * m.preset("sq4bit").slot_bytes
+    base = dict(model_dir=tiny_calib_model_dir, corpus=text_corpus, tokens=256, window=128, presets=["sq2_5bit", "sq3bit"])
+    with pytest.raises(CalibrationError, match=r"--layer-budgets sq4bit: not among the presets being fitted \(sq2_5bit, sq3bit\)"):
+        calibrate(CalibrationConfig(**base, out_dir=tmp_path / "b", layer_budgets=["spectralquant_sq4bit"]))
+    assert not (tmp_path / "b").exists()
+
+
+def test_layer_budgets_before_the_model_folder_is_named(tmp_path, capsys):
+    """``--layer-budgets`` takes preset names, so a model folder after it is refused as one (argparse
+    would otherwise report the folder as a missing argument)."""
+    with pytest.raises(SystemExit):
+        cli(["calibrate", "--layer-budgets", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert f"argument --layer-budgets: invalid choice: '{tmp_path}'" in err and "'sq4bit'" in err
+
+
 def test_layer_budgets_refuse_sliding_window_models(tmp_path, tiny_calib_model_dir, text_corpus):
     import json
     import shutil

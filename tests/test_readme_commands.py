@@ -111,10 +111,11 @@ def test_presets_as_written():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [[], ["--layer-budgets"]], ids=["defaults", "layer-budgets"])
+@pytest.mark.parametrize("flags", [[], ["--layer-budgets"], ["--layer-budgets", "sq4bit"]],
+                         ids=["defaults", "layer-budgets", "layer-budgets-sq4bit"])
 def test_calibrate_as_written_with_stdout_a_pipe(tmp_path, tiny_calib_model_dir, flags):
-    """``spectralquant calibrate MODEL_DIR [--layer-budgets]`` (defaults: 32k tokens of lee_background,
-    every preset), piped."""
+    """``spectralquant calibrate MODEL_DIR [--layer-budgets [sq4bit]]`` (defaults: 32k tokens of
+    lee_background, every preset), piped."""
     assert " ".join(["spectralquant calibrate MODEL_DIR", *flags]) in README.read_text()
     model = tmp_path / "tiny-llama"
     shutil.copytree(tiny_calib_model_dir, model)
@@ -125,8 +126,8 @@ def test_calibrate_as_written_with_stdout_a_pipe(tmp_path, tiny_calib_model_dir,
     from vllm_spectralquant.artifact import fingerprint_of, load_artifact
 
     art = load_artifact(model / "spectralquant", expect=fingerprint_of(model))
-    slots = [p.layer_slot_bytes for p in art.manifest.presets]
-    assert all(s is not None for s in slots) if flags else all(s is None for s in slots)
+    layered = {p.name for p in art.manifest.presets if p.layer_slot_bytes is not None}
+    assert layered == ({"sq4bit"} if "sq4bit" in flags else {"sq2_5bit", "sq3bit", "sq4bit"} if flags else set())
 
 
 @pytest.fixture(scope="module")

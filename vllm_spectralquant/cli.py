@@ -56,6 +56,22 @@ def _tokens_column():
     return TokensColumn()
 
 
+class _CalibratedPresetNames:
+    """The SpectralQuant preset names as argparse ``choices``, read only when a value is checked, so
+    that building the parser (every command, ``--help`` too) does not import torch."""
+
+    def _names(self) -> list[str]:
+        from vllm_spectralquant.format.presets import PRESETS
+
+        return [name for name, preset in PRESETS.items() if preset.method == "spectralquant"]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -73,7 +89,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         overwrite=args.overwrite,
         device=args.device,
-        layer_budgets=args.layer_budgets,
+        layer_budgets=False if args.layer_budgets is None else args.layer_budgets or True,
     )
     if args.key_weight is not None:
         cfg.key_weight = args.key_weight
@@ -178,9 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--key-weight", type=float,
                    help="keys' bit-allocation weight relative to the attention-error cost model (default: 0.5)")
-    p.add_argument("--layer-budgets", action="store_true",
-                   help="spread each preset's bytes over the layers by measured attention error, the preset's size "
-                        "being the mean (default: every layer gets the preset's bytes); see BENCHMARKS.md")
+    # choices: `calibrate --layer-budgets MODEL_DIR` then names the model as a bad preset, not a missing argument.
+    p.add_argument("--layer-budgets", nargs="*", metavar="PRESET", choices=_CalibratedPresetNames(),
+                   help="spread the bytes of these presets (none named: of every preset) over the layers by measured "
+                        "attention error, the preset's size being the mean (default: every layer gets the preset's "
+                        "bytes); see BENCHMARKS.md")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_calibrate)

@@ -60,9 +60,10 @@ class CalibrationConfig:
     batch_size: int = 4
     skip_first: int = 1
     key_weight: float = DEFAULT_KEY_WEIGHT  # keys' bit-allocation weight relative to the cost model
-    #: Spread each preset's bytes over the layers by measured attention error (the preset's size is the
-    #: mean). Off by default: on SmolLM2 it lowers perplexity but lost a 4k needle (BENCHMARKS.md).
-    layer_budgets: bool = False
+    #: Spread a preset's bytes over the layers by measured attention error (the preset's size is the
+    #: mean): True for every fitted preset, or the names of some. Off by default (BENCHMARKS.md: with
+    #: sink-anchored values it helps sq4bit on SmolLM2 but costs sq2_5bit and sq3bit perplexity).
+    layer_budgets: bool | Sequence[str] = False
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
@@ -90,6 +91,21 @@ def resolve_presets(names: Sequence[str] | None) -> list[Preset]:
             raise CalibrationError(f"cannot calibrate preset {n!r}{hint}; SpectralQuant presets: {known}")
         out.append(p)
     return out
+
+
+def layer_budget_presets(choice: bool | Sequence[str], presets: Sequence[Preset]) -> set[str]:
+    """The fitted presets whose bytes follow the layers' error: ``choice`` True = all of them, a
+    sequence = the ones it names (each must be fitted), False = none."""
+    if isinstance(choice, bool):
+        return {p.name for p in presets} if choice else set()
+    fitted = {p.name for p in presets}
+    named = {n.removeprefix("spectralquant_") for n in choice}
+    missing = sorted(named - fitted)
+    if missing:
+        raise CalibrationError(
+            f"--layer-budgets {' '.join(missing)}: not among the presets being fitted ({', '.join(sorted(fitted))})"
+        )
+    return named
 
 
 def window_offsets(num_windows: int, window: int, max_position: int) -> list[int]:
@@ -184,7 +200,8 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
         raise ModelError(refusal)
     max_context = _max_context(shape)
     check_options(cfg, max_context)
-    if cfg.layer_budgets and shape.sliding_window is not None:
+    layered = layer_budget_presets(cfg.layer_budgets, presets)
+    if layered and shape.sliding_window is not None:
         # vLLM groups sliding and full layers separately and sizes the groups' pages alike; layers with
         # their own page sizes across those groups are not built (nor tested) yet.
         raise CalibrationError(
@@ -249,7 +266,7 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
     t2 = time.perf_counter()
     sinks = measure_sinks(stats)
     fit = fit_model(
-        stats, shape, presets, key_weight_scale=cfg.key_weight, layer_budgets_by_error=cfg.layer_budgets,
+        stats, shape, presets, key_weight_scale=cfg.key_weight, layer_budget_presets=layered,
         sink_tokens=sinks.tokens,
     )  # fmt: skip
     seconds["fit"] = time.perf_counter() - t2

@@ -6,7 +6,7 @@ statistics into parameters.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,13 +41,14 @@ def fit_model(
     *,
     fitted_codebooks: bool = True,
     key_weight_scale: float = DEFAULT_KEY_WEIGHT,
-    layer_budgets_by_error: bool = False,
+    layer_budget_presets: Collection[str] = (),
     sink_tokens: int = 1,
 ) -> ModelFit:
     """Bases from the moments, codebooks fitted to the sampled tokens (or Gaussian), a codec per preset.
 
-    With ``layer_budgets_by_error`` each preset's bytes are spread over the layers by the measured
-    attention error (:func:`layer_budgets`; the preset's size is then the mean), else every layer gets them.
+    The presets named in ``layer_budget_presets`` have their bytes spread over the layers by the measured
+    attention error (:func:`layer_budgets`; the preset's size is then the mean); every layer of the
+    others gets the preset's bytes.
     ``sink_tokens``: the leading tokens the cache keeps exact (the calibrated sink count), whose
     attention that error leaves out.
     """
@@ -58,7 +59,7 @@ def fit_model(
     for p in presets:
         if p.method != "spectralquant":
             continue
-        budgets = layer_budgets(bases, tables, p, key_weight_scale) if layer_budgets_by_error else None  # None: uniform
+        budgets = layer_budgets(bases, tables, p, key_weight_scale) if p.name in layer_budget_presets else None  # None: uniform
         codecs[p.name] = [
             fit_codec(b, t, p, key_weight_scale, None if budgets is None else budgets[i])
             for i, (b, t) in enumerate(zip(bases, tables))
