@@ -51,6 +51,34 @@ def test_resume_keeps_preset_rows_of_a_report_with_the_same_settings(tmp_path):
         _resumable(cfg, {**settings, "perplexity": {"windows": 4}})
 
 
+def test_resume_refuses_rows_of_another_artifact(tmp_path, tiny_artifact):
+    """The report records the artifact (manifest sha256, calibration settings); --resume keeps
+    SpectralQuant rows only when this run uses the same one, and says so when an older report
+    does not record it."""
+    from dataclasses import asdict
+
+    from vllm_spectralquant.evaluation.report import markdown
+    from vllm_spectralquant.evaluation.run import EvalConfig, EvalError, _resumable, artifact_record
+
+    record = artifact_record(tiny_artifact.artifact)
+    assert record["tokens"] == 2048 and record["window"] == 128 and record["layer_budgets"] == ["sq2_5bit", "sq3bit", "sq4bit"]
+    assert len(record["manifest_sha256"]) == 64 and artifact_record(tmp_path / "none") is None
+    settings, rows = _report_with_rows()
+    resume = {**settings, "complete": False, "results": [asdict(r) for r in rows]}
+    cfg = EvalConfig(model_dir=tmp_path, resume={**resume, "artifact": record})
+    assert list(_resumable(cfg, settings, record)[0]) == ["spectralquant_sq4bit"]
+    other = {**record, "manifest_sha256": "0" * 64, "path": "/elsewhere", "created": "yesterday"}
+    with pytest.raises(EvalError, match=r"rows \(spectralquant_sq4bit\) were measured with the artifact /elsewhere created yesterday"):
+        _resumable(EvalConfig(model_dir=tmp_path, resume={**resume, "artifact": other}), settings, record)
+    said = []
+    assert list(_resumable(EvalConfig(model_dir=tmp_path, resume=resume), settings, record, said.append)[0]) == ["spectralquant_sq4bit"]
+    assert "does not say which artifact" in said[0]
+    report = {**settings, "date": "d", "reference": "r", "artifact": record, "results": [],
+              "perplexity": {"windows": 8, "window_tokens": 1024, "prefill_chunk": 128, "scoring": "s"},
+              "greedy": {"prompts": 16, "tokens": 64}}
+    assert f"SpectralQuant artifact: `{record['path']}`" in markdown(report) and "2,048 tokens" in markdown(report)
+
+
 def test_resume_without_an_earlier_report_is_a_clear_error(tmp_path, capsys):
     from vllm_spectralquant.cli import main
 

@@ -62,7 +62,7 @@ class CalibrationConfig:
     key_weight: float = DEFAULT_KEY_WEIGHT  # keys' bit-allocation weight relative to the cost model
     #: Spread a preset's bytes over the layers by measured attention error (the preset's size is the
     #: mean): True for every fitted preset, or the names of some. Off by default (BENCHMARKS.md: with
-    #: sink-anchored values it helps sq4bit on SmolLM2 but costs sq2_5bit and sq3bit perplexity).
+    #: sink-anchored values it no longer helps SmolLM2, and costs it perplexity at 2.5-3 bits).
     layer_budgets: bool | Sequence[str] = False
 
     def __post_init__(self) -> None:

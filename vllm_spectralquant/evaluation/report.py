@@ -21,6 +21,14 @@ def _bytes(b: float) -> str:
     return f"{b:.0f}" if float(b).is_integer() else f"{b:.2f}"
 
 
+def _artifact_line(artifact: dict | None) -> list[str]:
+    if not artifact:
+        return []
+    layered = ", ".join(artifact["layer_budgets"]) or "none"
+    return ["", f"SpectralQuant artifact: `{artifact['path']}` (created {artifact['created']}; {artifact['tokens']:,} tokens of "
+                f"{artifact['corpus']} in windows of {artifact['window']}, key weight {artifact['key_weight']}, layer budgets: {layered})."]
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# SpectralQuant eval: {report['model']} ({report['date']})",
@@ -31,6 +39,7 @@ def markdown(report: dict) -> str:
         f"greedy agreement over {report['greedy']['prompts']} prompts x {report['greedy']['tokens']} tokens. "
         f"{report.get('spread', '')}. Emulated rows: vLLM's own quantiser at store time on a dense cache; their bytes "
         "are vLLM's allocation (averaged over layers) and their capacity is analytic (bytes), marked *.",
+        *_artifact_line(report.get("artifact")),
         "",
         "| method | preset | bytes/head-token | compression | perplexity | Δ ppl ± SE | needle pass | greedy agreement | KV capacity (tokens) | vs bf16 |",
         "|---|---|---|---|---|---|---|---|---|---|",

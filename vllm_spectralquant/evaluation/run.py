@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import hashlib
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -169,6 +170,30 @@ def paired_delta(window_nll: Sequence[float], ref_window_nll: Sequence[float]) -
     return 100 * (math.exp(mean) - 1), 100 * math.exp(mean) * sd / math.sqrt(len(d))
 
 
+def artifact_record(artifact: Path) -> dict | None:
+    """What identifies the artifact the SpectralQuant rows are measured with (None: there is none yet):
+    its manifest's sha256 and creation time, and the calibration settings that move the numbers. Two
+    calibrations of one model with other settings (or another corpus) differ by tenths of a percent of
+    perplexity, so a report says which one it measured and ``--resume`` refuses to mix them."""
+    from vllm_spectralquant.artifact import ArtifactError
+    from vllm_spectralquant.artifact.manifest import MANIFEST_NAME
+
+    try:
+        m = read_manifest(artifact)
+    except ArtifactError:
+        return None
+    return {
+        "path": str(artifact),
+        "manifest_sha256": hashlib.sha256((Path(artifact) / MANIFEST_NAME).read_bytes()).hexdigest(),
+        "created": str(m.created),
+        "corpus": m.corpus.source,
+        "tokens": m.corpus.tokens,
+        "window": m.corpus.window,
+        "key_weight": m.corpus.key_weight,
+        "layer_budgets": [e.name for e in m.presets if e.layer_slot_bytes is not None],
+    }
+
+
 def calibrated_slot_bytes(artifact: Path, preset: str, head_dim: int) -> float:
     """A SpectralQuant preset's bytes per head-token, averaged over the layers the artifact sized."""
     entry = read_manifest(artifact).preset(preset) if get_preset(preset).method == "spectralquant" else None
@@ -204,7 +229,8 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Cal
     log(f"eval {cfg.model_dir.name}: {len(windows)} x {cfg.ppl_window_tokens} tokens for perplexity (prefill chunk "
         f"{cfg.prefill_chunk}), {len(trials)} needles, {len(prompts)} greedy prompts; dtype {dtype}")
 
-    kept, resumed_ref = _resumable(cfg, _report(cfg, dtype, windows, prompts, trials, [], complete=False))
+    artifact = artifact_record(cfg.artifact or default_artifact_dir(cfg.model_dir)) if any(m.needs_artifact for m in methods) else None
+    kept, resumed_ref = _resumable(cfg, _report(cfg, dtype, windows, prompts, trials, [], complete=False), artifact, log)
     results: list[MethodResult] = []
     ref: MethodResult | None = None
     ref_greedy = None
@@ -291,15 +317,18 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Cal
             f"agreement {res.greedy_agreement:.2f}, capacity {res.kv_capacity_tokens} tokens ({res.seconds:.0f}s)")
         results.append(res)
         if on_result is not None:
-            on_result(_report(cfg, dtype, windows, prompts, trials, results, complete=False))
+            on_result(_report(cfg, dtype, windows, prompts, trials, results, complete=False, artifact=artifact))
 
-    return _report(cfg, dtype, windows, prompts, trials, results, complete=True)
+    return _report(cfg, dtype, windows, prompts, trials, results, complete=True, artifact=artifact)
 
 
-def _resumable(cfg: EvalConfig, fresh: dict) -> tuple[dict[str, MethodResult], MethodResult | None]:
+def _resumable(
+    cfg: EvalConfig, fresh: dict, artifact: dict | None = None, log: Callable[[str], None] = print
+) -> tuple[dict[str, MethodResult], MethodResult | None]:
     """The preset rows of ``cfg.resume`` (by kv-cache dtype) and its reference row, after checking that
-    it was measured with the same settings. The reference itself always runs again: greedy agreement
-    needs its outputs, and its perplexity must reproduce the resumed one exactly."""
+    it was measured with the same settings, and its SpectralQuant rows with the same artifact
+    (``artifact``: :func:`artifact_record` of this run's). The reference itself always runs again:
+    greedy agreement needs its outputs, and its perplexity must reproduce the resumed one exactly."""
     if cfg.resume is None:
         return {}, None
     for key in ("model", "serving_dtype", "perplexity", "needle", "greedy"):
@@ -308,12 +337,24 @@ def _resumable(cfg: EvalConfig, fresh: dict) -> tuple[dict[str, MethodResult], M
                              f"vs {fresh[key]!r} now); start afresh or use the same options")
     rows = [MethodResult(**r) for r in cfg.resume.get("results", [])]
     ref = next((r for r in rows if r.preset is None), None)
+    calibrated = [r.kv_cache_dtype for r in rows if r.method == "spectralquant"]
+    if calibrated and artifact is not None:
+        before = cfg.resume.get("artifact")
+        if before is None:
+            log(f"  --resume: the report does not say which artifact its rows {', '.join(calibrated)} were measured "
+                "with (made before reports recorded it); they are kept as they are")
+        elif before.get("manifest_sha256") != artifact["manifest_sha256"]:
+            raise EvalError(f"--resume: the report's SpectralQuant rows ({', '.join(calibrated)}) were measured with the "
+                            f"artifact {before.get('path')} created {before.get('created')}, this run uses {artifact['path']} "
+                            f"created {artifact['created']}; start afresh, or remove those rows from the report to re-run them")
     return {r.kv_cache_dtype: r for r in rows if r.preset is not None and ref is not None}, ref
 
 
-def _report(cfg: EvalConfig, dtype: str, windows, prompts, trials, results: list[MethodResult], complete: bool) -> dict:
+def _report(cfg: EvalConfig, dtype: str, windows, prompts, trials, results: list[MethodResult], complete: bool,
+            artifact: dict | None = None) -> dict:
     return {
         "model": cfg.model_dir.name,
+        "artifact": artifact,
         "complete": complete,
         "date": datetime.date.today().isoformat(),
         "serving_dtype": dtype,
