@@ -26,8 +26,8 @@ line, and produce numbers that differ from the reference.
 from __future__ import annotations
 
 import datetime
-import math
 import hashlib
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
