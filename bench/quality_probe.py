@@ -155,6 +155,19 @@ def window_nll(model, ids: torch.Tensor, first_scored: int) -> float:
     return float(-lp.gather(1, ids[first_scored:, None]).mean())
 
 
+def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
+    """``groups`` contiguous layer ranges [a, b) covering 0..num_layers, as even as rounding allows."""
+    bounds = [round(num_layers * g / groups) for g in range(groups + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
+def write_result(path: Path | None, out: dict) -> None:
+    """The probe's JSON at ``path`` (atomically; nothing when None)."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"wrote {write_atomic(path, json.dumps(out, indent=1).encode())}")
+
+
 def answer_score(model, prompt_ids: list[int], answer_ids: list[int]) -> dict:
     """Teacher-forced answer after the prompt: NLL (nats, summed over the answer tokens), whether each
     answer token is the argmax (greedy would produce the answer) and the smallest logit margin of the
@@ -183,12 +196,10 @@ def probe_needles(args, model, tok, shape, codecs) -> dict:
     sim = SimulatedCache(codecs, args.chunk, args.sink_tokens)
     sim.emulated = args.emulated
     AttentionInterface.register(PROBE_ATTN, sim.attention)
-    n = shape.num_layers
-    bounds = [round(n * g / args.layer_groups) for g in range(args.layer_groups + 1)]
     variants: list[tuple[str, str | None, set[int] | None]] = [("compressed", None, None), ("keys exact", "key", None),
                                                                 ("values exact", "value", None)]
     if args.per_layer:
-        variants += [(f"only layers {a}-{b - 1}", None, set(range(a, b))) for a, b in zip(bounds, bounds[1:])]
+        variants += [(f"only layers {a}-{b - 1}", None, set(range(a, b))) for a, b in layer_groups(shape.num_layers, args.layer_groups)]
     rows = []
     for i in chosen:
         t = trials[i]
@@ -275,9 +286,7 @@ def main(argv=None) -> int:
         out = {"model": args.model.name, "preset": args.preset, "date": datetime.date.today().isoformat(), "chunk": args.chunk,
                "sink_tokens": args.sink_tokens, **probe_needles(args, model, tok, shape, codecs)}
         out["seconds"] = round(time.time() - t0, 1)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            print(f"wrote {write_atomic(args.out, json.dumps(out, indent=1).encode())}")
+        write_result(args.out, out)
         return 0
     text = held_out(tok, read_corpus(None))
     prefix = text.prefix
@@ -315,10 +324,8 @@ def main(argv=None) -> int:
                                  tok.decode([int(windows[w][j])])) for j in idx])
                 entry["top_mass_tokens"] = top
                 sim.collect = False
-                n = shape.num_layers
-                bounds = [round(n * g / args.layer_groups) for g in range(args.layer_groups + 1)]
                 groups = {}
-                for a, b in zip(bounds, bounds[1:]):
+                for a, b in layer_groups(shape.num_layers, args.layer_groups):
                     sim.layers = set(range(a, b))
                     gn = window_nll(model, windows[w], first)
                     groups[f"{a}-{b - 1}"] = 100 * (math.exp(gn - ref[w]) - 1)
@@ -340,9 +347,7 @@ def main(argv=None) -> int:
     out = {"model": args.model.name, "preset": args.preset, "date": datetime.date.today().isoformat(),
            "window_tokens": args.window_tokens, "chunk": args.chunk, "sink_tokens": args.sink_tokens,
            "outlier_rank": args.outlier_rank, "shared_value_mean": args.shared_value_mean, "seconds": round(time.time() - t0, 1), "rows": rows}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        print(f"wrote {write_atomic(args.out, json.dumps(out, indent=1).encode())}")
+    write_result(args.out, out)
     return 0
 
 
