@@ -184,41 +184,13 @@ def test_cli_calibrate_and_inspect(tmp_path, tiny_calib_model_dir, text_corpus, 
     assert "already exists" in capsys.readouterr().err
 
 
-def test_loss_cost_is_recorded_and_never_taken_for_the_default(tmp_path, tiny_calib_model_dir, text_corpus, monkeypatch):
-    """``--cost loss`` fits other bits than the attention cost model from the same windows, says so in the manifest,
-    and ensure_calibrated does not reuse such an artifact as the package default; a bad cost names the option."""
-    from vllm_spectralquant.calibrate import job
-    from vllm_spectralquant.cli import build_parser
-    from vllm_spectralquant.calibrate.sensitivity import COST_MODELS
-
-    for cost in COST_MODELS:  # the CLI spells the names out (no torch import for --help)
-        assert build_parser().parse_args(["calibrate", "m", "--cost", cost]).cost == cost
-    args = ["calibrate", str(tiny_calib_model_dir), "--corpus", str(text_corpus), "--tokens", "512", "--window", "128",
-            "--presets", "sq2_5bit", "--quiet"]  # fmt: skip
-    assert cli([*args, "--out", str(tmp_path / "loss"), "--cost", "loss"]) == 0
-    assert cli([*args, "--out", str(tmp_path / "att")]) == 0
-    loss, att = (load_artifact(tmp_path / n) for n in ("loss", "att"))
-    assert loss.manifest.corpus.cost == "loss" and att.manifest.corpus.cost == "attention"
-    bits = [name for name in loss.presets["sq2_5bit"] if name.endswith("bits")]
-    assert bits and any(not torch.equal(loss.presets["sq2_5bit"][b], att.presets["sq2_5bit"][b]) for b in bits)
-    with pytest.raises(CalibrationError, match="--cost must be one of attention, loss, got 'fisher'"):
-        calibrate(CalibrationConfig(model_dir=tiny_calib_model_dir, corpus=text_corpus, tokens=256, window=128,
-                                    out_dir=tmp_path / "bad", cost="fisher"))  # fmt: skip
-    seen = []
-    monkeypatch.setattr(job, "calibrate", lambda cfg: seen.append(cfg) or type("R", (), {"artifact": cfg.out_dir})())
-    job.ensure_calibrated(tiny_calib_model_dir, tokens=256, out_dir=tmp_path / "loss")
-    assert len(seen) == 1 and seen[0].cost == "attention"  # recalibrated with the defaults
-
-
 def test_ray_two_workers_give_the_same_artifact(tmp_path, tiny_calib_model_dir, text_corpus):
     """A local Ray cluster of 2 workers computes the same sums as one process (batches merge in order)."""
     pytest.importorskip("ray")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the Ray actors use one thread each; same float32 forward here
     try:
-        # The loss cost model: the workers' backward passes must merge to the same gradient sums too.
-        common = dict(model_dir=tiny_calib_model_dir, corpus=text_corpus, tokens=1024, window=128, presets=["sq3bit"],
-                      cost="loss")  # fmt: skip
+        common = dict(model_dir=tiny_calib_model_dir, corpus=text_corpus, tokens=1024, window=128, presets=["sq3bit"])
         one = calibrate(CalibrationConfig(**common, out_dir=tmp_path / "one"))
         two = calibrate(CalibrationConfig(**common, out_dir=tmp_path / "two", num_workers=2))
     finally:

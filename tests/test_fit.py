@@ -159,38 +159,3 @@ def test_attention_profile_counts_what_the_codes_carry():
     assert merged.queries == 2 * prof.queries
     with pytest.raises(ValueError, match="sink_tokens"):
         prof.error_scale(AttentionProfile.LEADING + 1)
-
-
-def test_loss_weights_price_each_direction_by_its_gradient_energy():
-    """w_j = u_j^T E[g g^T] u_j * lambda_j: a gradient along one basis direction makes that direction (and only it)
-    count, in proportion to its variance; the loss cost model puts every head on one scale (error scale 1)."""
-    from vllm_spectralquant.calibrate.basis import Spectrum
-    from vllm_spectralquant.calibrate.fit import fit_basis
-    from vllm_spectralquant.calibrate.sensitivity import loss_weights
-
-    gen = torch.Generator().manual_seed(0)
-    h, d, n = 2, 16, 400
-    eigvecs = torch.linalg.qr(torch.randn(h, d, d, generator=gen, dtype=torch.float64))[0]
-    eigvals = torch.linspace(9.0, 0.25, d, dtype=torch.float64).expand(h, d)
-    spec = Spectrum(eigvals, eigvecs)
-    g = torch.zeros(n, h, d, dtype=torch.float64)
-    g[:, 0] = 2.0 * eigvecs[0, :, 5]  # head 0: the loss only feels basis direction 5
-    g[:, 1] = torch.randn(n, d, generator=gen, dtype=torch.float64)  # head 1: every direction
-    grad = MomentStats.zeros(h, d)
-    grad.update(g)
-    w = loss_weights(grad, spec)
-    assert float(w[0, 5]) == pytest.approx(4.0 * float(eigvals[0, 5]))
-    assert float(w[0].sum() - w[0, 5]) < 1e-9
-    assert (w[1] > 0).all()
-    with pytest.raises(ValueError, match="needs the loss gradients"):
-        loss_weights(MomentStats.zeros(h, d), spec)
-
-    layer = LayerStats.zeros(h, d, 2)
-    x = torch.randn(n, h, d, generator=gen) * torch.linspace(3.0, 0.5, d)
-    layer.update(torch.randn(n, 2 * h, d, generator=gen), x, x)
-    layer.update_gradients(g.float(), g.float())
-    basis = fit_basis(layer, d**-0.5, cost="loss")
-    assert torch.equal(basis.error_scale, torch.ones(h, dtype=torch.float64))
-    assert bool((basis.key.weight[:, :-1] >= basis.key.weight[:, 1:]).all())  # columns ordered by loss weight
-    with pytest.raises(Exception, match="unknown cost model 'fisher'"):
-        fit_basis(layer, d**-0.5, cost="fisher")

@@ -93,7 +93,6 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     )
     if args.key_weight is not None:
         cfg.key_weight = args.key_weight
-    cfg.cost = args.cost
     columns = (TextColumn("calibrating"), BarColumn(), _tokens_column(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, transient=True, disable=args.quiet) as bar:
@@ -195,10 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--key-weight", type=float,
                    help="keys' bit-allocation weight relative to the attention-error cost model (default: 0.5)")
-    # The names of calibrate.sensitivity.COST_MODELS, spelled out so that --help imports no torch (a test keeps them equal).
-    p.add_argument("--cost", choices=("attention", "loss"), default="attention",
-                   help="how the bit allocation prices a cache error: attention (analytic attention-output error, the "
-                        "default) or loss (the next-token loss's measured gradients; a backward pass per batch)")
     # choices: `calibrate --layer-budgets MODEL_DIR` then names the model as a bad preset, not a missing argument.
     p.add_argument("--layer-budgets", nargs="*", metavar="PRESET", choices=_CalibratedPresetNames(),
                    help="spread the bytes of these presets (none named: of every preset) over the layers by measured "

@@ -71,8 +71,6 @@ class CorpusInfo(_Strict):
     max_position: int = Field(gt=1)
     skip_first_tokens: int = Field(ge=0)
     key_weight: float = Field(default=1.0, gt=0)  # bit-allocation weight of keys vs the cost model
-    # How the bit allocation priced errors (calibrate/sensitivity.py); artifacts before it: attention.
-    cost: Literal["attention", "loss"] = "attention"
     # Token every window starts with, as served sequences do (corpus.leading_special_token); None: running text.
     first_token_id: int | None = Field(default=None, ge=0)
 

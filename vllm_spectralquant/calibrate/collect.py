@@ -21,7 +21,7 @@ import torch
 from vllm_spectralquant.calibrate.fit import LayerBasis, update_histograms
 from vllm_spectralquant.calibrate.sinks import key_outlier_scores
 from vllm_spectralquant.calibrate.stats import LayerHistograms, LayerStats
-from vllm_spectralquant.models.capture import run_with_capture, run_with_kv_gradients
+from vllm_spectralquant.models.capture import run_with_capture
 from vllm_spectralquant.models.shape import ModelShape
 
 
@@ -68,7 +68,6 @@ def collect_batch(
     skip_first: int = 1,
     sample_stride: int = 8,
     profile_attention: bool = False,
-    loss_gradients: bool = False,
 ) -> ModelStats:
     """Statistics of one batch of windows.
 
@@ -79,9 +78,6 @@ def collect_batch(
         sample_stride: keep raw K/V of tokens whose global index (window_id * T + t) is a multiple.
         profile_attention: also profile each layer's attention (``LayerStats.attention``: the windows'
             attention computed once more per layer), which layer budgets need; off by default.
-        loss_gradients: also run the backward pass of the next-token loss and accumulate its gradients
-            with respect to the keys and values (``LayerStats.key_grad`` / ``value_grad``), which the
-            loss cost model needs (calibrate/sensitivity.py); about twice the time of the forward pass alone.
     """
     shape = ModelShape.from_config(model.config)
     b, t = windows.shape
@@ -95,34 +91,20 @@ def collect_batch(
 
     stats_seconds = 0.0
     key_outliers = torch.zeros(b, t)
-    sinks: dict[int, torch.Tensor] = {}  # layer -> bool [B, T, H] (AttentionProfile.update)
 
     def on_qkv(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         nonlocal stats_seconds
         t = time.perf_counter()
         layers[layer].update(q[use], k[use], v[use])
         if profile_attention:
-            sinks[layer] = layers[layer].attention.update(q, k, v, shape.softmax_scale)
+            layers[layer].attention.update(q, k, v, shape.softmax_scale)
         samples[layer] = KVSample(k[keep].contiguous(), v[keep].contiguous())
         torch.maximum(key_outliers, key_outlier_scores(k).cpu(), out=key_outliers)
         stats_seconds += time.perf_counter() - t
 
-    def on_kv_grad(layer: int, grad_k: torch.Tensor, grad_v: torch.Tensor) -> None:
-        nonlocal stats_seconds
-        t = time.perf_counter()
-        if layer in sinks:
-            # A sink's value is coded exactly once calibration anchors it (calibrate/anchor.py): its
-            # large gradient would buy bits for an error the cache does not make.
-            grad_v = grad_v.masked_fill(sinks[layer].to(grad_v.device)[..., None], 0.0)
-        layers[layer].update_gradients(grad_k[use], grad_v[use])
-        stats_seconds += time.perf_counter() - t
-
     positions = torch.as_tensor(list(position_offsets), dtype=torch.long)[:, None] + pos_in_window[None, :]
     started = time.perf_counter()
-    if loss_gradients:
-        run_with_kv_gradients(model, windows, on_qkv, on_kv_grad, position_ids=positions)
-    else:
-        run_with_capture(model, windows, on_qkv, position_ids=positions, return_logits=False)
+    run_with_capture(model, windows, on_qkv, position_ids=positions, return_logits=False)
     total = time.perf_counter() - started
     return ModelStats(layers, samples, int(use.sum()), key_outliers, total - stats_seconds, stats_seconds)
 

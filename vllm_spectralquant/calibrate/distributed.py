@@ -45,10 +45,10 @@ class _Collector:
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
         self.model, _ = load_model(model_dir, dtype=torch.float32, device=dev)
 
-    def collect(self, windows, window_ids, offsets, skip_first, sample_stride, profile_attention, loss_gradients) -> ModelStats:
+    def collect(self, windows, window_ids, offsets, skip_first, sample_stride, profile_attention) -> ModelStats:
         return collect_batch(
             self.model, windows, window_ids, offsets, skip_first=skip_first, sample_stride=sample_stride,
-            profile_attention=profile_attention, loss_gradients=loss_gradients,
+            profile_attention=profile_attention,
         )  # fmt: skip
 
 
@@ -63,7 +63,6 @@ def collect_with_ray(
     sample_stride: int = 8,
     skip_first: int = 1,
     profile_attention: bool = False,
-    loss_gradients: bool = False,
     device: str = "auto",
     threads_per_worker: int = 1,
     progress: Callable[[int], None] | None = None,
@@ -94,7 +93,7 @@ def collect_with_ray(
             while idle and next_submit < len(batches):
                 actor = idle.pop(0)
                 ids = batches[next_submit]
-                ref = actor.collect.remote(windows[ids], ids, [offsets[i] for i in ids], skip_first, sample_stride, profile_attention, loss_gradients)
+                ref = actor.collect.remote(windows[ids], ids, [offsets[i] for i in ids], skip_first, sample_stride, profile_attention)
                 pending[ref] = (next_submit, actor)
                 next_submit += 1
             ready, _ = ray.wait(list(pending), num_returns=1)

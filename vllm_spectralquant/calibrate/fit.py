@@ -24,7 +24,6 @@ from vllm_spectralquant.calibrate.anchor import anchor_mean
 from vllm_spectralquant.calibrate.allocation import allocate_bits, allocate_layer_budgets, error_curve
 from vllm_spectralquant.calibrate.basis import Spectrum, sigma_from_variance, spectrum
 from vllm_spectralquant.calibrate.codebook_fit import CodebookTable, fit_table, gaussian_table
-from vllm_spectralquant.calibrate.sensitivity import COST_MODELS, loss_weights
 from vllm_spectralquant.calibrate.stats import LayerHistograms, LayerStats, add_to_histogram, hist_centers
 from vllm_spectralquant.format.errors import FormatError
 from vllm_spectralquant.format.params import ComponentCodec, LayerCodec
@@ -63,17 +62,12 @@ class LayerBasis:
         return self.key.mean.shape[1]
 
 
-def fit_basis(stats: LayerStats, softmax_scale: float, sink_tokens: int = 1, cost: str = "attention") -> LayerBasis:
+def fit_basis(stats: LayerStats, softmax_scale: float, sink_tokens: int = 1) -> LayerBasis:
     """PCA bases, sigmas and importance weights from first-pass statistics.
 
     ``sink_tokens``: the leading tokens served exactly (manifest ``sinks.tokens``), whose attention the
     error scale leaves out.
-    ``cost``: "attention" weighs coordinates by the analytic attention-output model (below) and scales
-    each head's error by its attention profile; "loss" by the measured loss gradients
-    (``sensitivity.py``), already in one scale (error scale 1).
     """
-    if cost not in COST_MODELS:
-        raise FormatError(f"unknown cost model {cost!r}; known: {', '.join(COST_MODELS)}")
     if stats.key.count < 2:
         raise FormatError(f"need at least 2 calibration tokens, got {stats.key.count}")
     k_spec = spectrum(stats.key.covariance())
@@ -84,10 +78,6 @@ def fit_basis(stats: LayerStats, softmax_scale: float, sink_tokens: int = 1, cos
     value_spread = v_spec.eigvals.sum(-1)  # tr(Cov_V) per head
     k_weight = softmax_scale**2 * value_spread[:, None] * q_energy * k_spec.eigvals
     v_weight = g * v_spec.eigvals
-    error_scale = stats.attention.error_scale(sink_tokens)
-    if cost == "loss":
-        k_weight, v_weight = loss_weights(stats.key_grad, k_spec), loss_weights(stats.value_grad, v_spec)
-        error_scale = torch.ones_like(error_scale)
 
     def component(stats_mean: torch.Tensor, spec: Spectrum, weight: torch.Tensor) -> ComponentBasis:
         order = torch.argsort(weight, dim=-1, descending=True, stable=True)
@@ -105,7 +95,7 @@ def fit_basis(stats: LayerStats, softmax_scale: float, sink_tokens: int = 1, cos
     return LayerBasis(
         component(stats.key.mean(), k_spec, k_weight),
         component(stats.value.mean(), v_spec, v_weight),
-        error_scale,
+        stats.attention.error_scale(sink_tokens),
         sink_value,
         sink_found,
     )

@@ -30,7 +30,6 @@ from vllm_spectralquant.calibrate.collect import ModelStats
 from vllm_spectralquant.calibrate.errors import CalibrationError
 from vllm_spectralquant.calibrate.fit import DEFAULT_KEY_WEIGHT
 from vllm_spectralquant.calibrate.pipeline import ModelFit, collect_in_process, fit_model
-from vllm_spectralquant.calibrate.sensitivity import COST_MODELS
 from vllm_spectralquant.calibrate.sinks import choose_sink_tokens, sink_positions
 from vllm_spectralquant.corpus import corpus_sha256, leading_special_token, read_corpus, tokenize_corpus
 from vllm_spectralquant.extras import require as require_extras
@@ -61,9 +60,6 @@ class CalibrationConfig:
     batch_size: int = 4
     skip_first: int = 1
     key_weight: float = DEFAULT_KEY_WEIGHT  # keys' bit-allocation weight relative to the cost model
-    #: How the bit allocation prices errors: "attention" (analytic) or "loss" (measured loss gradients,
-    #: a backward pass per batch; calibrate/sensitivity.py).
-    cost: str = "attention"
     #: Spread a preset's bytes over the layers by measured attention error (the preset's size is the
     #: mean): True for every fitted preset, or the names of some. Off by default (BENCHMARKS.md: with
     #: sink-anchored values it no longer helps SmolLM2, and costs it perplexity at 2.5-3 bits).
@@ -134,8 +130,6 @@ def _max_context(shape: ModelShape) -> int:
 
 def check_options(cfg: CalibrationConfig, max_context: int) -> None:
     """The options' own checks, before anything is loaded (CalibrationError names the option)."""
-    if cfg.cost not in COST_MODELS:
-        raise CalibrationError(f"--cost must be one of {', '.join(COST_MODELS)}, got {cfg.cost!r}")
     if not cfg.key_weight > 0:
         raise CalibrationError(f"--key-weight must be positive, got {cfg.key_weight}")
     if cfg.window < 2 or cfg.tokens < cfg.window:
@@ -182,7 +176,6 @@ def prepare_windows(
         max_position=max_position,
         skip_first_tokens=cfg.skip_first,
         key_weight=cfg.key_weight,
-        cost=cfg.cost,
         first_token_id=first,
     )
     return windows, window_offsets(num, cfg.window, max_position), info
@@ -258,14 +251,13 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
             sample_stride=sample_stride,
             skip_first=cfg.skip_first,
             profile_attention=True,
-            loss_gradients=cfg.cost == "loss",
             device=cfg.device,
             progress=on_tokens,
         )
     else:
         stats = collect_in_process(
             model, windows, offsets, batch_size=cfg.batch_size, sample_stride=sample_stride, skip_first=cfg.skip_first,
-            profile_attention=True, loss_gradients=cfg.cost == "loss", progress=on_tokens,
+            profile_attention=True, progress=on_tokens,
         )  # fmt: skip
     seconds["collect"] = time.perf_counter() - t1
     seconds["forward"] = stats.forward_seconds  # summed over workers
@@ -275,7 +267,7 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
     sinks = measure_sinks(stats)
     fit = fit_model(
         stats, shape, presets, key_weight_scale=cfg.key_weight, layer_budget_presets=layered,
-        sink_tokens=sinks.tokens, cost=cfg.cost,
+        sink_tokens=sinks.tokens,
     )  # fmt: skip
     seconds["fit"] = time.perf_counter() - t2
 
@@ -434,7 +426,7 @@ def ensure_calibrated(model_dir: Path | str, *, tokens: int = 16384, out_dir: Pa
             corpus = art.manifest.corpus
             # Artifacts written before sink anchoring have no per-preset value mean.
             anchored = all(PRESET_VALUE_MEAN in t for t in art.presets.values())
-            if corpus.key_weight == DEFAULT_KEY_WEIGHT and corpus.cost == "attention" and corpus.tokens >= tokens and anchored:
+            if corpus.key_weight == DEFAULT_KEY_WEIGHT and corpus.tokens >= tokens and anchored:
                 return out
             logger.warning("recalibrating %s: fitted with other settings", out)
         except ArtifactError as e:

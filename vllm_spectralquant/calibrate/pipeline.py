@@ -43,7 +43,6 @@ def fit_model(
     key_weight_scale: float = DEFAULT_KEY_WEIGHT,
     layer_budget_presets: Collection[str] = (),
     sink_tokens: int = 1,
-    cost: str = "attention",
 ) -> ModelFit:
     """Bases from the moments, codebooks fitted to the sampled tokens (or Gaussian), a codec per preset.
 
@@ -52,9 +51,8 @@ def fit_model(
     others gets the preset's bytes.
     ``sink_tokens``: the leading tokens the cache keeps exact (the calibrated sink count), whose
     attention that error leaves out.
-    ``cost``: how errors are priced (``fit_basis``; "loss" needs statistics collected with loss gradients).
     """
-    bases = [fit_basis(layer, shape.softmax_scale, sink_tokens, cost) for layer in stats.layers]
+    bases = [fit_basis(layer, shape.softmax_scale, sink_tokens) for layer in stats.layers]
     hists = histograms_from_samples(bases, stats.samples) if fitted_codebooks else [None] * len(bases)
     tables = fit_codebooks(hists, shape.num_kv_heads, shape.head_dim)
     codecs = {}
@@ -78,7 +76,6 @@ def collect_in_process(
     sample_stride: int = 8,
     skip_first: int = 1,
     profile_attention: bool = False,
-    loss_gradients: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> ModelStats:
     """Collect over all windows [N, T] in this process, merging batches in order."""
@@ -87,7 +84,7 @@ def collect_in_process(
         ids = list(range(start, min(start + batch_size, windows.shape[0])))
         batch = collect_batch(
             model, windows[ids], ids, [position_offsets[i] for i in ids], skip_first=skip_first, sample_stride=sample_stride,
-            profile_attention=profile_attention, loss_gradients=loss_gradients,
+            profile_attention=profile_attention,
         )  # fmt: skip
         total = batch if total is None else total.merge(batch)
         if progress is not None:

@@ -113,12 +113,8 @@ class AttentionProfile:
     #: say nothing about the long contexts the cache serves.
     FIRST_QUERY = 32
 
-    def update(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-        """q [B, T, Hq, D], k, v [B, T, H, D] of whole windows (post-RoPE, positions 0..T-1 of each).
-
-        Returns bool [B, T, H]: the keys that are sinks of their window (at least ``SINK_VALUE_MASS``),
-        whose values calibration anchors onto the codebook grid.
-        """
+    def update(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> None:
+        """q [B, T, Hq, D], k, v [B, T, H, D] of whole windows (post-RoPE, positions 0..T-1 of each)."""
         b, t, hq, d = q.shape
         h = k.shape[2]
         g = hq // h
@@ -126,7 +122,6 @@ class AttentionProfile:
         lead = min(self.LEADING, t)
         causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
         sink_row = torch.arange(t).clamp(max=self.LEADING)  # each leading position its own row, then one row
-        sinks = torch.zeros(b, t, h, dtype=torch.bool)
         for w in range(b):
             for head in range(h):
                 qh = q[w, :, head * g : (head + 1) * g].float().transpose(0, 1)  # [g, T, D]
@@ -139,12 +134,10 @@ class AttentionProfile:
                 self.leading[head, :lead] += p2[..., :lead].sum((0, 1)).double().cpu()
                 self.energy[head] += float(out.square().sum())
                 mass = p.mean((0, 1))  # [T]: the share of the window's attention each key receives
-                sinks[w, :, head] = (mass >= self.SINK_VALUE_MASS).cpu()
                 mass = torch.where(mass >= self.SINK_VALUE_MASS, mass, 0.0)
                 self.sink_mass[head].index_add_(0, sink_row, mass.double().cpu())
                 self.sink_value_sum[head].index_add_(0, sink_row, (mass[:, None] * vh).double().cpu())
         self.queries += b * g * (t - first)
-        return sinks
 
     def merge(self, other: AttentionProfile) -> AttentionProfile:
         return AttentionProfile(
@@ -188,10 +181,6 @@ class LayerStats:
     query: MomentStats  # queries regrouped per KV head: [N, H, g*D] would be wasteful, see update()
     num_queries_per_kv: int
     attention: AttentionProfile
-    #: Gradients of the next-token loss with respect to the coded keys and values (count 0 when not
-    #: measured): their second moments are the loss's sensitivity to cache errors (calibrate/sensitivity.py).
-    key_grad: MomentStats
-    value_grad: MomentStats
 
     @classmethod
     def zeros(cls, num_kv_heads: int, head_dim: int, num_queries_per_kv: int) -> LayerStats:
@@ -202,8 +191,6 @@ class LayerStats:
             z(num_kv_heads, head_dim),
             num_queries_per_kv,
             AttentionProfile.zeros(num_kv_heads, head_dim),
-            z(num_kv_heads, head_dim),
-            z(num_kv_heads, head_dim),
         )
 
     def update(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -224,14 +211,7 @@ class LayerStats:
             self.query.merge(other.query),
             self.num_queries_per_kv,
             self.attention.merge(other.attention),
-            self.key_grad.merge(other.key_grad),
-            self.value_grad.merge(other.value_grad),
         )
-
-    def update_gradients(self, grad_k: torch.Tensor, grad_v: torch.Tensor) -> None:
-        """dL/dk, dL/dv [N, H, D] of the same tokens as :meth:`update` (the loss summed, in nats)."""
-        self.key_grad.update(grad_k)
-        self.value_grad.update(grad_v)
 
 
 @dataclass

@@ -25,10 +25,8 @@ def _artifact_line(artifact: dict | None) -> list[str]:
     if not artifact:
         return []
     layered = ", ".join(artifact["layer_budgets"]) or "none"
-    cost = artifact.get("cost", "attention")  # reports made before the cost was recorded: attention
     return ["", f"SpectralQuant artifact: `{artifact['path']}` (created {artifact['created']}; {artifact['tokens']:,} tokens of "
-                f"{artifact['corpus']} in windows of {artifact['window']}, {cost} cost model, key weight {artifact['key_weight']}, "
-                f"layer budgets: {layered})."]
+                f"{artifact['corpus']} in windows of {artifact['window']}, key weight {artifact['key_weight']}, layer budgets: {layered})."]
 
 
 def markdown(report: dict) -> str:

@@ -190,7 +190,6 @@ def artifact_record(artifact: Path) -> dict | None:
         "tokens": m.corpus.tokens,
         "window": m.corpus.window,
         "key_weight": m.corpus.key_weight,
-        "cost": m.corpus.cost,
         "layer_budgets": [e.name for e in m.presets if e.layer_slot_bytes is not None],
     }
 

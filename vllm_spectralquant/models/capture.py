@@ -83,8 +83,7 @@ def capture_attention_forward(
         layer_idx = int(layer_idx)
         hooks.layers_seen.append(layer_idx)
         if hooks.on_qkv is not None:
-            # Detached: what the callback keeps or computes must not join a loss's graph (run_with_kv_gradients).
-            hooks.on_qkv(layer_idx, *(_token_major(x).detach() for x in (query, key, value)))
+            hooks.on_qkv(layer_idx, _token_major(query), _token_major(key), _token_major(value))
         if hooks.kv_transform is not None:
             new_key, new_value = hooks.kv_transform(layer_idx, _token_major(key), _token_major(value))
             key = _head_major(new_key, key, "k", layer_idx)
@@ -186,15 +185,6 @@ def _check_ids(
     return position_ids.expand(batch, tokens).to(torch.long)
 
 
-def _check_every_layer_seen(model: torch.nn.Module, capture: QKVCapture) -> None:
-    missing = sorted(set(range(ModelShape.from_config(model.config).num_layers)) - set(capture.layers_seen))
-    if missing:
-        raise ModelError(
-            f"attention of layers {missing} of {type(model).__name__} did not run through transformers' "
-            "AttentionInterface, so their Q/K/V were not captured"
-        )
-
-
 def run_with_capture(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -221,63 +211,13 @@ def run_with_capture(
         # Without logits, run only the decoder stack: the LM head is a large share of a small model's FLOPs.
         runner = model if return_logits else model.base_model
         output = runner(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-    _check_every_layer_seen(model, capture)
+    missing = sorted(set(range(ModelShape.from_config(model.config).num_layers)) - set(capture.layers_seen))
+    if missing:
+        raise ModelError(
+            f"attention of layers {missing} of {type(model).__name__} did not run through transformers' "
+            "AttentionInterface, so their Q/K/V were not captured"
+        )
     return output.logits.float() if return_logits else None
-
-
-KVGradCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
-"""(layer_idx, dL/dk [B, T, Hkv, D], dL/dv [B, T, Hkv, D]): float32 gradients of the summed next-token loss."""
-
-
-def run_with_kv_gradients(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    on_qkv: QKVCallback | None,
-    on_kv_grad: KVGradCallback,
-    position_ids: torch.Tensor | None = None,
-) -> float:
-    """One forward and backward pass: every layer's post-RoPE Q/K/V, then the gradient of the next-token
-    loss (summed over the window's B x (T - 1) predictions, in nats) with respect to its keys and values.
-
-    Those gradients say how much an error in a cached key or value costs in loss (calibrate/sensitivity.py).
-    The weights get no gradients (they are switched off for the pass); the graph starts at the input
-    embeddings. Returns the summed loss.
-    """
-    position_ids = _check_ids(model, input_ids, position_ids)
-    device = next(model.parameters()).device
-    input_ids = input_ids.to(device=device, dtype=torch.long)
-    if position_ids is not None:
-        position_ids = position_ids.to(device)
-    grads: dict[int, list[torch.Tensor | None]] = {}
-
-    def keep_gradients(layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        slot: list[torch.Tensor | None] = [None, None]
-        grads[layer_idx] = slot
-        k.register_hook(lambda g: slot.__setitem__(0, g.detach()))
-        v.register_hook(lambda g: slot.__setitem__(1, g.detach()))
-        return k, v
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
-        with QKVCapture(model, on_qkv=on_qkv, kv_transform=keep_gradients) as capture, torch.enable_grad():
-            embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-            logits = model(inputs_embeds=embeds, position_ids=position_ids, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="sum"
-            )
-            loss.backward()
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
-    _check_every_layer_seen(model, capture)
-    for layer_idx in sorted(grads):
-        gk, gv = grads[layer_idx]
-        if gk is None or gv is None:
-            raise ModelError(f"layer {layer_idx}'s keys or values got no gradient from the loss")
-        on_kv_grad(layer_idx, gk.float(), gv.float())
-    return float(loss.detach())
 
 
 def check_supported_architecture(config: Any) -> None:
