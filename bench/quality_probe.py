@@ -188,10 +188,10 @@ def probe_needles(args, model, tok, shape, codecs) -> dict:
     """The ``--needles`` mode: teacher-forced answer scores per trial and cache variant."""
     from transformers import AttentionInterface
 
-    from vllm_spectralquant.evaluation.needle import build_trials
+    from vllm_spectralquant.evaluation.needle import served_trials
 
     text = held_out(tok, read_corpus(None))
-    trials = build_trials(tok, text.ids.tolist(), args.needle_lengths, args.needle_depths)
+    trials = served_trials(tok, text, args.needle_lengths, args.needle_depths)
     chosen = args.needle_trials if args.needle_trials else list(range(len(trials)))
     sim = SimulatedCache(codecs, args.chunk, args.sink_tokens)
     sim.emulated = args.emulated
@@ -203,7 +203,7 @@ def probe_needles(args, model, tok, shape, codecs) -> dict:
     rows = []
     for i in chosen:
         t = trials[i]
-        prompt = text.prefix + t.prompt_ids
+        prompt = t.prompt_ids
         answer = tok(" " + t.value, add_special_tokens=False)["input_ids"]
         model.set_attn_implementation("sdpa")
         row = {"trial": i, "context_tokens": t.context_tokens, "depth": t.depth, "exact": answer_score(model, prompt, answer)}

@@ -172,3 +172,18 @@ def test_needle_longer_than_the_context_is_refused_by_name(tiny_calib_model_dir,
         _inputs(cfg, max_context=512)
     windows, prompts, trials = _inputs(EvalConfig(**{**cfg.__dict__, "needle_lengths": [256]}), max_context=512)[:3]
     assert len(trials) == 1 and len(windows) == 2
+
+
+def test_served_trials_start_like_served_sequences(tiny_tokenizer, text_corpus):
+    """The eval's needle prompts (and the probe's) are build_trials' with the tokenizer's prefix put in front;
+    their lengths and answers are unchanged."""
+    from vllm_spectralquant.corpus import HeldOut, held_out
+    from vllm_spectralquant.evaluation.needle import build_trials, served_trials
+
+    text = held_out(tiny_tokenizer, text_corpus.read_text(encoding="utf-8"))
+    text = HeldOut(text.ids, text.held, [1])  # as a tokenizer with a BOS would give
+    plain = build_trials(tiny_tokenizer, text.ids.tolist(), [300, 600], [0.25, 0.75])
+    served = served_trials(tiny_tokenizer, text, [300, 600], [0.25, 0.75])
+    assert [t.prompt_ids for t in served] == [[1] + t.prompt_ids for t in plain]
+    assert [(t.context_tokens, t.depth, t.value) for t in served] == [(t.context_tokens, t.depth, t.value) for t in plain]
+    assert [len(t.prompt_ids) for t in served] == [301, 301, 601, 601]

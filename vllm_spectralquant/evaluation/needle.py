@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from vllm_spectralquant.evaluation.metrics import MODEL_NAME
+
+if TYPE_CHECKING:
+    from vllm_spectralquant.corpus import HeldOut
 
 NEEDLE = "The special magic number is {value}. Remember it: {value}."
 QUESTION = "\n\nWhat is the special magic number mentioned in the text above? The special magic number is"
@@ -48,6 +52,13 @@ def build_trials(tokenizer, haystack_ids: Sequence[int], context_lengths: Sequen
                     break
             trials.append(NeedleTrial(length, depth, value, hay[:cut] + needle + hay[cut:] + question))
     return trials
+
+
+def served_trials(tokenizer, text: HeldOut, context_lengths: Sequence[int], depths: Sequence[float]) -> list[NeedleTrial]:
+    """:func:`build_trials` over the corpus ``text`` with every prompt started by ``text.prefix``, as served
+    sequences start (``context_tokens`` does not count it): the trials of ``spectralquant eval``."""
+    trials = build_trials(tokenizer, text.ids.tolist(), context_lengths, depths)
+    return [replace(t, prompt_ids=text.prefix + t.prompt_ids) for t in trials]
 
 
 def run_trial(client, trial: NeedleTrial, max_tokens: int = 8) -> bool:

@@ -31,14 +31,14 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vllm_spectralquant.artifact import default_artifact_dir, read_manifest
 from vllm_spectralquant.errors import SpectralQuantError
 from vllm_spectralquant.emulation import EMULATED_METHODS, get_emulated, is_emulated
 from vllm_spectralquant.evaluation.metrics import common_prefix, greedy_many, window_nlls
-from vllm_spectralquant.evaluation.needle import build_trials, pass_rate
+from vllm_spectralquant.evaluation.needle import pass_rate, served_trials
 from vllm_spectralquant.format.presets import PRESETS, get_preset
 from vllm_spectralquant.models.shape import ModelShape
 
@@ -113,7 +113,7 @@ def _inputs(cfg: EvalConfig, max_context: int):
 
     tok = AutoTokenizer.from_pretrained(cfg.model_dir)
     text = held_out(tok, read_corpus(cfg.corpus))
-    ids, prefix = text.ids, text.prefix
+    prefix = text.prefix
     windows = text.windows(cfg.ppl_window_tokens, cfg.ppl_windows)
     # Greedy prompts come from the held-out text after the perplexity windows (or its start if short).
     start = max(0, min(cfg.ppl_windows * cfg.ppl_window_tokens, len(text.held) - 64 * cfg.greedy_prompts))
@@ -124,8 +124,7 @@ def _inputs(cfg: EvalConfig, max_context: int):
     if cfg.needle_lengths and too_long:
         raise EvalError(f"--needle-lengths {' '.join(map(str, too_long))}: longer than the model's context "
                         f"({max_context} tokens) minus 16 for the answer; use at most {max_context - 16}")
-    trials = build_trials(tok, ids.tolist(), [n for n in lengths if n not in too_long], cfg.needle_depths)
-    trials = [replace(t, prompt_ids=prefix + t.prompt_ids) for t in trials]
+    trials = served_trials(tok, text, [n for n in lengths if n not in too_long], cfg.needle_depths)
     return windows, prompts, trials
 
 
