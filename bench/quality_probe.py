@@ -11,7 +11,8 @@ Per window it reports the NLL change; with ``--per-layer`` it also reports the a
 error per layer (simulated vs exact K/V, same queries) and the NLL change when only one group of
 layers is compressed; with ``--keep-outliers N`` it keeps the N most outlying tokens of every
 16-token block exact (ranked by the key's largest |coordinate| in the calibrated frame), to price
-that format idea before building it.
+that format idea before building it; ``--key-gain G`` decodes packed keys as mean + G x (decoded - mean)
+with the codes unchanged, pricing a decode-only key gain the same way.
 
 With ``--needles`` it scores needle-in-a-haystack trials instead of perplexity windows: the same
 trials ``spectralquant eval`` builds from ``--needle-lengths``/``--needle-depths`` (pick some with
@@ -64,6 +65,9 @@ class SimulatedCache:
         self.mass: dict[int, torch.Tensor] = {}  # layer -> [T] attention mass each key receives (exact)
         self.collect = False
         self.emulated: str | None = None  # a vLLM format (backend/emulated_formats.py) instead of our codecs
+        #: Decode-only gain on packed keys around their mean, k = mean + gain (k_decoded - mean): the
+        #: scores over packed keys sharpened by ``gain`` with the codes unchanged (``--key-gain``).
+        self.key_gain = 1.0
 
     def roundtrip(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [T, H, D] float32 -> decoded [T, H, D] with sinks (and kept outliers) exact in bf16."""
@@ -74,6 +78,8 @@ class SimulatedCache:
             kh, vh = emulated_roundtrip(self.emulated, k, v)
         else:
             kh, vh = decode_slots(encode_slots(k, v, codec), codec)
+            if self.key_gain != 1.0:
+                kh = codec.key.mean + self.key_gain * (kh - codec.key.mean)
         exact = torch.zeros(k.shape[0], k.shape[1], dtype=torch.bool)
         exact[: self.sinks] = True
         if self.keep_outliers:
@@ -194,6 +200,7 @@ def probe_needles(args, model, tok, shape, codecs) -> dict:
     trials = served_trials(tok, text, args.needle_lengths, args.needle_depths)
     chosen = args.needle_trials if args.needle_trials else list(range(len(trials)))
     sim = SimulatedCache(codecs, args.chunk, args.sink_tokens)
+    sim.key_gain = args.key_gain
     sim.emulated = args.emulated
     AttentionInterface.register(PROBE_ATTN, sim.attention)
     variants: list[tuple[str, str | None, set[int] | None]] = [("compressed", None, None), ("keys exact", "key", None),
@@ -259,6 +266,9 @@ def main(argv=None) -> int:
     ap.add_argument("--needle-lengths", type=int, nargs="+", default=[1024, 4096, 8176])
     ap.add_argument("--needle-depths", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75, 0.9])
     ap.add_argument("--needle-trials", type=int, nargs="*", help="indices of the trials to run (default: all)")
+    ap.add_argument("--key-gain", type=float, default=1.0,
+                    help="decode packed keys as mean + GAIN x (decoded - mean), codes unchanged: prices a decode-only "
+                         "key gain (sharper attention over packed keys) before building it into the format")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -284,7 +294,7 @@ def main(argv=None) -> int:
             print(f"per-layer presets: {args.preset}", flush=True)
     if args.needles:
         out = {"model": args.model.name, "preset": args.preset, "date": datetime.date.today().isoformat(), "chunk": args.chunk,
-               "sink_tokens": args.sink_tokens, **probe_needles(args, model, tok, shape, codecs)}
+               "sink_tokens": args.sink_tokens, "key_gain": args.key_gain, **probe_needles(args, model, tok, shape, codecs)}
         out["seconds"] = round(time.time() - t0, 1)
         write_result(args.out, out)
         return 0
@@ -306,6 +316,7 @@ def main(argv=None) -> int:
                              outlier_rank=args.outlier_rank, keys_only=args.outlier_keys_only)
         sim.exact_component = args.exact_component
         sim.emulated = args.emulated
+        sim.key_gain = args.key_gain
         AttentionInterface.register(PROBE_ATTN, sim.attention)
         model.set_attn_implementation(PROBE_ATTN)
         row = {"keep_outliers": keep, "windows": {}}
@@ -346,7 +357,7 @@ def main(argv=None) -> int:
 
     out = {"model": args.model.name, "preset": args.preset, "date": datetime.date.today().isoformat(),
            "window_tokens": args.window_tokens, "chunk": args.chunk, "sink_tokens": args.sink_tokens,
-           "outlier_rank": args.outlier_rank, "shared_value_mean": args.shared_value_mean, "seconds": round(time.time() - t0, 1), "rows": rows}
+           "outlier_rank": args.outlier_rank, "shared_value_mean": args.shared_value_mean, "key_gain": args.key_gain, "seconds": round(time.time() - t0, 1), "rows": rows}
     write_result(args.out, out)
     return 0
 
