@@ -55,6 +55,9 @@ GPU_CASES = [
     # "@N": a layer's own slot size (calibration moves bytes between layers), small and large
     ("sq2_5bit:sorted@43", 128, 8, 4, 128, 2, [1, 300, 4097]),
     ("sq2_5bit:sorted@129", 128, 2, 6, 128, 2, [129, 2000]),
+    # "+gain": keys with decode gains (the store divides by the encoding scale, decode/gather multiply by the decoding one)
+    ("sq2_5bit:sorted+gain", 128, 8, 4, 128, 1, [1, 300, 4097]),
+    ("sq3bit+gain", 64, 2, 4, 16, 1, [33, 700]),
 ]
 DRY_CASES = [
     ("sq2_5bit", 64, 2, 4, 16, 1, [1, 17, 40]),

@@ -29,6 +29,7 @@ compressed at a time: which part of the cache loses a needle.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -40,7 +41,7 @@ import torch
 
 from vllm_spectralquant.artifact.schema import PRESET_VALUE_MEAN
 from vllm_spectralquant.artifact.store import default_artifact_dir, load_artifact
-from vllm_spectralquant.corpus import held_out, read_corpus
+from vllm_spectralquant.corpus import held_out, read_corpus, split_halves
 from vllm_spectralquant.files import write_atomic
 from vllm_spectralquant.format.codec import decode_slots, encode_slots
 from vllm_spectralquant.format.paged import SINK_DTYPE
@@ -68,6 +69,13 @@ class SimulatedCache:
         #: Decode-only gain on packed keys around their mean, k = mean + gain (k_decoded - mean): the
         #: scores over packed keys sharpened by ``gain`` with the codes unchanged (``--key-gain``).
         self.key_gain = 1.0
+        #: Multiple of the log-normal logit correction added to packed keys' scores (``--logit-bias``):
+        #: E[exp(q.k) | code] = exp(q.k_hat + q^T Sigma_e q / 2) for a Gaussian residual e, so packed
+        #: keys are owed ``scale^2 sum_j (q_j sigma_j)^2 eps_j / 2`` against exact ones (0: off).
+        self.logit_bias = 0.0
+        self.gain_fit = 0.0  # > 0: per-head variance-restoring key gain from the window, raised to this power
+        self.fitted_gain: dict[int, list[torch.Tensor]] = {}
+        self.key_resid: dict[int, torch.Tensor] = {}  # layer -> [H, D] residual variance of packed keys (sigma units)
 
     def roundtrip(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [T, H, D] float32 -> decoded [T, H, D] with sinks (and kept outliers) exact in bf16."""
@@ -78,8 +86,9 @@ class SimulatedCache:
             kh, vh = emulated_roundtrip(self.emulated, k, v)
         else:
             kh, vh = decode_slots(encode_slots(k, v, codec), codec)
-            if self.key_gain != 1.0:
-                kh = codec.key.mean + self.key_gain * (kh - codec.key.mean)
+            if self.logit_bias:
+                rk = torch.einsum("thd,hde->the", (k - kh)[self.sinks:], codec.key.basis) / codec.key.scale
+                self.key_resid[layer] = (rk**2).mean(0)  # [H, D]
         exact = torch.zeros(k.shape[0], k.shape[1], dtype=torch.bool)
         exact[: self.sinks] = True
         if self.keep_outliers:
@@ -103,6 +112,10 @@ class SimulatedCache:
             kh = k
         elif self.exact_component == "value":
             vh = v
+        if self.key_gain != 1.0 and self.emulated is None:
+            # After --exact-component: exact keys with a gain are the control (does sharpening help without
+            # key quantisation?).
+            kh = codec.key.mean + self.key_gain * (kh - codec.key.mean)
         kb, vb = k.to(SINK_DTYPE).float(), v.to(SINK_DTYPE).float()
         e = exact[..., None]
         if self.collect:
@@ -128,11 +141,31 @@ class SimulatedCache:
                 outs.append(exact_out)
                 continue
             kq, vq = self.roundtrip(layer, k, v)
+            if self.gain_fit:
+                # Per KV head, the gain that restores the variance of the scores q.(k - mean) over packed
+                # keys, measured on this window's queries and keys (sinks left out).
+                m = self.codecs[layer].key.mean
+                kt, kd = (k - m)[self.sinks:], (kq - m)[self.sinks:]  # [T', H, D]
+                qg = q.reshape(k.shape[1], g, t, d).transpose(1, 2).reshape(k.shape[1], g * t, d)  # [H, gT, D]
+                st = torch.einsum("hqd,thd->hqt", qg, kt).pow(2).mean((1, 2))
+                sd = torch.einsum("hqd,thd->hqt", qg, kd).pow(2).mean((1, 2))
+                gain = (st / sd.clamp(min=1e-30)).sqrt() ** self.gain_fit  # [H]
+                self.fitted_gain.setdefault(layer, []).append(gain)
+                kq = torch.cat([kq[: self.sinks], m + gain[:, None] * (kq[self.sinks:] - m)])
             # Keys: [packed copies of all T; raw copies of all T]; a query sees packed keys before its
             # chunk and raw keys inside its chunk up to itself.
             packed_ok = pos[None, :] < start[:, None]
             raw_ok = causal & (pos[None, :] >= start[:, None])
             mask = torch.cat([packed_ok, raw_ok], dim=1)
+            if self.logit_bias and self.emulated is None:
+                kc = self.codecs[layer].key
+                hkv = torch.arange(hq) // g
+                qr = torch.einsum("htd,hde->hte", q, kc.basis[hkv]) * kc.scale[hkv][:, None, :]  # [Hq, T, D]
+                bias = 0.5 * self.logit_bias * scale**2 * (qr**2 * self.key_resid[layer][hkv][:, None, :]).sum(-1)
+                packed_bias = bias[:, :, None] * (torch.arange(2 * t) < t).float()  # [Hq, T, 2T]
+                # Columns 0..sinks-1 of the packed copy are exact (sink) keys: no bias there.
+                packed_bias[:, :, : self.sinks] = 0.0
+                mask = torch.where(mask, packed_bias, -math.inf)
             out = _sdpa(q, torch.cat([kq, k]), torch.cat([vq, v]), mask, scale, g)
             if self.collect:
                 e = self.errors.setdefault(layer, [0.0, 0.0])
@@ -269,6 +302,14 @@ def main(argv=None) -> int:
     ap.add_argument("--key-gain", type=float, default=1.0,
                     help="decode packed keys as mean + GAIN x (decoded - mean), codes unchanged: prices a decode-only "
                          "key gain (sharper attention over packed keys) before building it into the format")
+    ap.add_argument("--logit-bias", type=float, default=0.0,
+                    help="add this multiple of the log-normal correction scale^2 sum_j (q_j sigma_j)^2 eps_j / 2 to the "
+                         "scores of packed keys (eps_j: the keys' residual variance per rotated coordinate, measured on the window)")
+    ap.add_argument("--gain-fit", type=float, default=0.0,
+                    help="per KV head, decode packed keys with the gain restoring the scores' variance on the window, "
+                         "raised to this power (0: off)")
+    ap.add_argument("--calibration-half", action="store_true",
+                    help="windows from the corpus half calibration reads instead of the held-out half")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -299,6 +340,9 @@ def main(argv=None) -> int:
         write_result(args.out, out)
         return 0
     text = held_out(tok, read_corpus(None))
+    if args.calibration_half:
+        # The half calibration reads: a choice made here (a key gain, say) is a calibration-side choice.
+        text = dataclasses.replace(text, held=split_halves(text.ids)[0])
     prefix = text.prefix
     windows = [torch.tensor(w) for w in text.windows(args.window_tokens, args.ppl_windows)]
     chosen = args.windows if args.windows else list(range(len(windows)))
@@ -317,6 +361,8 @@ def main(argv=None) -> int:
         sim.exact_component = args.exact_component
         sim.emulated = args.emulated
         sim.key_gain = args.key_gain
+        sim.logit_bias = args.logit_bias
+        sim.gain_fit = args.gain_fit
         AttentionInterface.register(PROBE_ATTN, sim.attention)
         model.set_attn_implementation(PROBE_ATTN)
         row = {"keep_outliers": keep, "windows": {}}
@@ -353,11 +399,15 @@ def main(argv=None) -> int:
         d = [row["windows"][w]["nll"] - ref[w] for w in chosen]
         row["delta_pct"] = 100 * (math.exp(sum(d) / len(d)) - 1)
         print(f"keep {keep}: mean over windows {row['delta_pct']:+.2f} % ppl", flush=True)
+        if sim.fitted_gain:
+            gains = {i: torch.stack(v).mean(0).tolist() for i, v in sorted(sim.fitted_gain.items())}
+            row["fitted_gain"] = gains
+            print("fitted gain per layer (mean over heads): " + " ".join(f"{i}:{sum(v) / len(v):.3f}" for i, v in gains.items()))
         rows.append(row)
 
     out = {"model": args.model.name, "preset": args.preset, "date": datetime.date.today().isoformat(),
            "window_tokens": args.window_tokens, "chunk": args.chunk, "sink_tokens": args.sink_tokens,
-           "outlier_rank": args.outlier_rank, "shared_value_mean": args.shared_value_mean, "key_gain": args.key_gain, "seconds": round(time.time() - t0, 1), "rows": rows}
+           "outlier_rank": args.outlier_rank, "shared_value_mean": args.shared_value_mean, "key_gain": args.key_gain, "calibration_half": args.calibration_half, "logit_bias": args.logit_bias, "gain_fit": args.gain_fit, "seconds": round(time.time() - t0, 1), "rows": rows}
     write_result(args.out, out)
     return 0
 

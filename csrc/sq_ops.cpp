@@ -1,7 +1,8 @@
 // torch custom ops `torch.ops.spectralquant.*` over the CUDA kernels (sq_store.cu, sq_decode.cu, sq_gather.cu).
 //
 // Called from vllm_spectralquant/ops/cuda_ext.py, which passes the KernelCodec tensors as
-//   params = [meta int32 [H,G,4], lut32 f32 [H,N], lut16 f16 [H,N], basis, basis_t f32 [H,D,D], mean, scale f32 [H,D],
+//   params = [meta int32 [H,G,4], lut32 f32 [H,N], lut16 f16 [H,N], basis, basis_t f32 [H,D,D], mean, scale f32 [H,D]
+//             (the store divides by encoding's scale; decode and gather multiply by decoding's, with the key gain),
 //             pair_meta int32 [H,G,4], pairs int32 [H,PN]]
 // and the geometry and token-field layout as named integers (block_size, slot_bytes, sink_bytes,
 // sink_tokens, k_mode, k_field, v_mode, v_field; decode also num_splits, padded_dim, padded_group,

@@ -40,6 +40,10 @@ CASES = [
     ("sq4bit:sorted", 32, 2, 8, 16, 2, [40, 3]),
     ("sq2_5bit:sorted@22", 64, 2, 4, 16, 1, [37, 1, 18]),
     ("sq3bit:sorted@75", 64, 3, 3, 32, 1, [66, 5]),
+    # "+gain": keys with decode gains (calibrate/fit.py key_gain): the store must divide by the encoding
+    # scale, decode and gather multiply by the decoding one.
+    ("sq2_5bit:sorted+gain", 64, 2, 4, 16, 1, [37, 1, 18]),
+    ("sq3bit+gain", 32, 1, 2, 32, 0, [5, 64]),
     # Gemma 3's head_dim: the Triton store and gather rotate in dots of 64 basis rows (triton_common).
     ("sq3bit", 256, 1, 2, 16, 1, [20, 3]),
 ]
@@ -47,7 +51,7 @@ CASES = [
 
 def case_id(case) -> str:
     name, d, h, g, bs, sink, lens = case
-    return f"{name.replace(':', '-').replace('@', '-slot')}-d{d}-h{h}-g{g}-bs{bs}-sink{sink}"
+    return f"{name.replace(':', '-').replace('@', '-slot').replace('+', '-')}-d{d}-h{h}-g{g}-bs{bs}-sink{sink}"
 
 
 def fresh_seed() -> int:

@@ -181,3 +181,40 @@ def test_layer_slot_sizes_are_checked(artifact_copy):
     _rewrite_manifest(artifact_copy, set_slots(smaller))
     with pytest.raises(ArtifactError, match=f"layer {widest}: bit allocation needs .* in this layer's"):
         load_artifact(artifact_copy).layer_codec("sq3bit", widest)
+
+
+def test_key_gain_is_recorded_loaded_and_checked(artifact_copy):
+    """Calibration writes each preset's key decode gain as a tensor and in the manifest; loading uses it
+    for decoding only and refuses a tensor and a manifest that disagree, or a gain out of range."""
+    from vllm_spectralquant.calibrate.fit import DEFAULT_KEY_GAINS
+
+    art = load_artifact(artifact_copy)
+    assert art.manifest.preset("sq3bit").key_gain == DEFAULT_KEY_GAINS["sq3bit"]
+    codec = art.layer_codec("sq3bit", 1)
+    torch.testing.assert_close(codec.key.decode_scale, codec.key.scale * DEFAULT_KEY_GAINS["sq3bit"])
+    assert codec.value.gain is None
+
+    f = artifact_copy / "preset-sq3bit.safetensors"
+    tensors = load_file(f)
+    tensors["key.gain"] = tensors["key.gain"] * 1.01
+    save_file(tensors, f)
+    _refresh_checksum(artifact_copy, f.name)
+    with pytest.raises(ArtifactError, match="'key.gain' has mean .* but the manifest records key_gain"):
+        load_artifact(artifact_copy)
+    del tensors["key.gain"]
+    save_file(tensors, f)
+    _refresh_checksum(artifact_copy, f.name)
+    with pytest.raises(ArtifactError, match="lacks tensor 'key.gain' but the manifest records"):
+        load_artifact(artifact_copy)
+
+    def gain(value):
+        def change(m):
+            next(p for p in m["presets"] if p["name"] == "sq3bit")["key_gain"] = value
+
+        return change
+
+    _rewrite_manifest(artifact_copy, gain(1.0))  # an artifact from before the gain: no tensor, gain 1
+    assert load_artifact(artifact_copy).layer_codec("sq3bit", 0).key.gain is None
+    _rewrite_manifest(artifact_copy, gain(5.0))
+    with pytest.raises(ArtifactError, match="key_gain"):
+        read_manifest(artifact_copy)

@@ -116,6 +116,8 @@ def test_bad_options(tmp_path, tiny_calib_model_dir, text_corpus):
         calibrate(CalibrationConfig(**base, out_dir=afile / "sub" / "art"))
     with pytest.raises(CalibrationError, match="cannot reach the Ray cluster at 127.0.0.1:9"):
         calibrate(CalibrationConfig(**base, out_dir=tmp_path / "d", ray_address="127.0.0.1:9"))
+    with pytest.raises(CalibrationError, match=r"--key-gain must be in \[0.5, 2.0\], got 3"):
+        calibrate(CalibrationConfig(**base, out_dir=tmp_path / "e", key_gain=3))
 
 
 def test_layer_budgets_for_named_presets_only(tmp_path, tiny_calib_model_dir, text_corpus):
@@ -133,6 +135,23 @@ def test_layer_budgets_for_named_presets_only(tmp_path, tiny_calib_model_dir, te
     with pytest.raises(CalibrationError, match=r"--layer-budgets sq4bit: not among the presets being fitted \(sq2_5bit, sq3bit\)"):
         calibrate(CalibrationConfig(**base, out_dir=tmp_path / "b", layer_budgets=["spectralquant_sq4bit"]))
     assert not (tmp_path / "b").exists()
+
+
+def test_key_gain_option(tmp_path, tiny_calib_model_dir, text_corpus):
+    """``--key-gain 1`` writes presets without a gain (bytes and codes as with the default gain);
+    ``--key-gain 1.1`` gives every preset that gain."""
+    def run(out, gain):
+        rc = cli(["calibrate", str(tiny_calib_model_dir), "--corpus", str(text_corpus), "--tokens", "512", "--window", "128",
+                  "--out", str(out), "--quiet", "--presets", "sq2_5bit", "sq4bit", "--key-gain", gain])
+        assert rc == 0
+        return load_artifact(out, expect=fingerprint_of(tiny_calib_model_dir))
+
+    none, more = run(tmp_path / "none", "1"), run(tmp_path / "more", "1.1")
+    for name in ("sq2_5bit", "sq4bit"):
+        assert none.manifest.preset(name).key_gain == 1.0 and "key.gain" not in none.presets[name]
+        assert more.manifest.preset(name).key_gain == 1.1
+        assert torch.equal(none.presets[name]["key.codebooks"], more.presets[name]["key.codebooks"])
+        assert torch.allclose(more.presets[name]["key.gain"], torch.tensor(1.1))
 
 
 def test_layer_budgets_before_the_model_folder_is_named(tmp_path, capsys):

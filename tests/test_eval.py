@@ -62,6 +62,7 @@ def test_resume_refuses_rows_of_another_artifact(tmp_path, tiny_artifact):
 
     record = artifact_record(tiny_artifact.artifact)
     assert record["tokens"] == 2048 and record["window"] == 128 and record["layer_budgets"] == ["sq2_5bit", "sq3bit", "sq4bit"]
+    assert record["key_gains"] == {"sq2_5bit": 1.04, "sq3bit": 1.04, "sq4bit": 1.02}
     assert len(record["manifest_sha256"]) == 64 and artifact_record(tmp_path / "none") is None
     settings, rows = _report_with_rows()
     resume = {**settings, "complete": False, "results": [asdict(r) for r in rows]}
@@ -187,3 +188,13 @@ def test_served_trials_start_like_served_sequences(tiny_tokenizer, text_corpus):
     assert [t.prompt_ids for t in served] == [[1] + t.prompt_ids for t in plain]
     assert [(t.context_tokens, t.depth, t.value) for t in served] == [(t.context_tokens, t.depth, t.value) for t in plain]
     assert [len(t.prompt_ids) for t in served] == [301, 301, 601, 601]
+
+
+def test_spectralquant_presets_without_an_artifact_fail_before_any_server(tmp_path, tiny_llama_dir):
+    """No artifact: a clear error naming the folder and the command, before the reference's minutes."""
+    from vllm_spectralquant.evaluation.run import EvalConfig, EvalError, evaluate
+
+    started = []
+    with pytest.raises(EvalError, match=r"sq4bit need a SpectralQuant artifact and there is none at .*none: run `spectralquant calibrate .*tiny-llama"):
+        evaluate(EvalConfig(model_dir=tiny_llama_dir, presets=["sq4bit"], artifact=tmp_path / "none"), log=started.append)
+    assert started == []

@@ -137,3 +137,25 @@ def test_nonfinite_defined_behaviour_when_not_strict():
     assert torch.isfinite(kh).all() and torch.isfinite(vh).all()
     # Tokens without bad values encode exactly as they would alone.
     assert torch.equal(slots[[0, 3]], encode_slots(k[[0, 3]], k[[0, 3]], codec))
+
+
+def test_key_gain_is_decode_only():
+    """A key gain leaves the bytes alone and decodes keys as mean + gain (x_hat - mean); values untouched."""
+    from dataclasses import replace
+
+    from vllm_spectralquant.format.errors import FormatError
+
+    codec = random_codec(get_preset("sq2_5bit"), 64, 3, seed=8, key_gain=True)
+    plain = replace(codec, key=replace(codec.key, gain=None))
+    gen = torch.Generator().manual_seed(2)
+    k, v = torch.randn(20, 3, 64, generator=gen), torch.randn(20, 3, 64, generator=gen)
+    slots = encode_slots(k, v, codec)
+    assert torch.equal(slots, encode_slots(k, v, plain))
+    kg, vg = decode_slots(slots, codec)
+    kp, vp = decode_slots(slots, plain)
+    m, g = codec.key.mean, codec.key.gain[:, None]
+    torch.testing.assert_close(kg, m + g * (kp - m), rtol=1e-5, atol=1e-5)
+    assert torch.equal(vg, vp)
+    for bad in (torch.full((3,), 3.0), torch.full((3,), float("nan")), torch.ones(2)):
+        with pytest.raises(FormatError, match="key.gain"):
+            replace(codec, key=replace(codec.key, gain=bad)).validate()

@@ -40,6 +40,13 @@ def test_mixed_batch_matches_dense(name):
     _check_against_dense(batch, codec)
 
 
+def test_mixed_batch_with_key_gain_matches_dense():
+    """The reference's rotated-frame scores use the keys' decode gain exactly as decoding does."""
+    codec = random_codec(PRESETS["sq2_5bit"], 64, 3, seed=4, key_gain=True)
+    batch = random_paged_batch(codec, seq_lens=[1, 40, 33], query_lens=[1, 1, 12], num_query_heads=6, padding_tokens=2, seed=12)
+    _check_against_dense(batch, codec)
+
+
 @pytest.mark.parametrize("sink_tokens", [0, 1, 4])
 def test_sinks_are_exact_and_count_in_geometry(sink_tokens):
     codec = random_codec(PRESETS["sq2_5bit"], 64, 2, seed=5)

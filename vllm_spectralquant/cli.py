@@ -93,6 +93,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     )
     if args.key_weight is not None:
         cfg.key_weight = args.key_weight
+    if args.key_gain is not None:
+        cfg.key_gain = args.key_gain
     columns = (TextColumn("calibrating"), BarColumn(), _tokens_column(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, transient=True, disable=args.quiet) as bar:
@@ -194,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--key-weight", type=float,
                    help="keys' bit-allocation weight relative to the attention-error cost model (default: 0.5)")
+    p.add_argument("--key-gain", type=float,
+                   help="decode gain of packed keys for every preset: sharper attention over them, bytes unchanged "
+                        "(1: none; default: per preset, 1.02-1.04, see BENCHMARKS.md)")
     # choices: `calibrate --layer-budgets MODEL_DIR` then names the model as a bad preset, not a missing argument.
     p.add_argument("--layer-budgets", nargs="*", metavar="PRESET", choices=_CalibratedPresetNames(),
                    help="spread the bytes of these presets (none named: of every preset) over the layers by measured "

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from vllm_spectralquant.format.params import GAIN_RANGE
 from vllm_spectralquant.format.presets import PRESETS
 
 SCHEMA_VERSION = 1
@@ -85,6 +86,9 @@ class PresetEntry(_Strict):
     file: str
     key_rel_mse: float = Field(ge=0)
     value_rel_mse: float = Field(ge=0)
+    #: The packed keys' decode gain (tensor ``key.gain`` of the preset file; calibrate/fit.py); 1: none,
+    #: as in every artifact written before the gain existed.
+    key_gain: float = Field(default=1.0, ge=GAIN_RANGE[0], le=GAIN_RANGE[1])
 
     @model_validator(mode="after")
     def _layer_slots_fit_the_mean(self) -> PresetEntry:

@@ -13,6 +13,8 @@ bases.safetensors      ``<c>.mean``                  [L, H, D] float32
                        ``<c>.eigvals``               [L, H, D] float32 (report only)
 preset-<p>.safetensors ``<c>.bits``                  [L, H, G] int32
                        ``<c>.codebooks``             [L, H, G, 256] float32
+                       ``value.mean`` (optional)     [L, H, D] float32 (the preset's sink-anchored mean)
+                       ``key.gain`` (optional)       [L, H] float32 (decode-only key gain)
 =====================  ============================  ===========================================
 """
 
@@ -41,9 +43,14 @@ def bases_schema(num_layers: int, num_kv_heads: int, head_dim: int) -> dict[str,
 PRESET_VALUE_MEAN = "value.mean"
 
 
+#: A preset's decode-only key gain [L, H] (calibrate/fit.py ``key_gain``; format/params.py). Optional:
+#: without it, keys decode with gain 1.
+PRESET_KEY_GAIN = "key.gain"
+
+
 def preset_optional_schema(num_layers: int, num_kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape of the optional tensors of ``preset-<name>.safetensors``."""
-    return {PRESET_VALUE_MEAN: (num_layers, num_kv_heads, head_dim)}
+    return {PRESET_VALUE_MEAN: (num_layers, num_kv_heads, head_dim), PRESET_KEY_GAIN: (num_layers, num_kv_heads)}
 
 
 def preset_schema(num_layers: int, num_kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:

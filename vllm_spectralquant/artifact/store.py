@@ -4,7 +4,8 @@ Layout of an artifact folder (default ``MODEL_DIR/spectralquant/``)::
 
     manifest.json                 pydantic-validated, lists every file with its sha256
     bases.safetensors             per layer and KV head, stacked [L, H, ...]: key./value. mean, basis, scale, eigvals
-    preset-<name>.safetensors     key./value. bits [L, H, G] int32, codebooks [L, H, G, 256] float32
+    preset-<name>.safetensors     key./value. bits [L, H, G] int32, codebooks [L, H, G, 256] float32,
+                                  optional value.mean [L, H, D], key.gain [L, H]
                                   (names and shapes: artifact/schema.py)
     report.md, *.png              the human report
 
@@ -33,6 +34,7 @@ from vllm_spectralquant.artifact.errors import ArtifactError
 from vllm_spectralquant.files import file_sha256
 from vllm_spectralquant.artifact.fingerprint import mismatches
 from vllm_spectralquant.artifact.schema import (
+    PRESET_KEY_GAIN,
     PRESET_VALUE_MEAN,
     bases_schema,
     preset_optional_schema,
@@ -181,6 +183,7 @@ class Artifact:
             # A preset's own (sink-anchored) value mean wins over the shared one.
             own = tensors.get(PRESET_VALUE_MEAN) if c == "value" else None
             mean = own if own is not None else self.bases[tensor_name(c, "mean")]
+            gain = tensors.get(PRESET_KEY_GAIN) if c == "key" else None
             return ComponentCodec(
                 basis=self.bases[tensor_name(c, "basis")][layer, heads].float(),
                 mean=mean[layer, heads].float(),
@@ -188,6 +191,7 @@ class Artifact:
                 bits=tensors[tensor_name(c, "bits")][layer, heads].to(torch.int32),
                 codebooks=tensors[tensor_name(c, "codebooks")][layer, heads].float(),
                 token_scale=TokenScale.NONE,
+                gain=None if gain is None else gain[layer, heads].float(),
             )
 
         entry = self.manifest.preset(preset)
@@ -273,6 +277,17 @@ def _check_tensors(
             raise ArtifactError(f"{f}: tensor {name!r} contains NaN or inf; re-run spectralquant calibrate")
 
 
+def _check_key_gain(f: Path, gain: torch.Tensor | None, recorded: float) -> None:
+    """The preset file's ``key.gain`` tensor agrees with the manifest's ``key_gain`` (absent means 1)."""
+    if gain is None and recorded != 1.0:
+        raise ArtifactError(f"{f} lacks tensor {PRESET_KEY_GAIN!r} but the manifest records key_gain {recorded}; re-run spectralquant calibrate")
+    if gain is not None and abs(float(gain.double().mean()) - recorded) > 1e-4:
+        raise ArtifactError(
+            f"{f}: tensor {PRESET_KEY_GAIN!r} has mean {float(gain.double().mean()):.6f} but the manifest records "
+            f"key_gain {recorded}; re-run spectralquant calibrate"
+        )
+
+
 def load_artifact(
     path: Path | str, *, expect: ModelFingerprint | None = None, presets: Iterable[str] | None = None
 ) -> Artifact:
@@ -310,5 +325,6 @@ def load_artifact(
         f = path / preset_file(n)
         tensors = _load_tensors(f)
         _check_tensors(f, tensors, preset_schema(*shape), preset_optional_schema(*shape))
+        _check_key_gain(f, tensors.get(PRESET_KEY_GAIN), manifest.preset(n).key_gain)
         loaded[n] = tensors
     return Artifact(path, manifest, bases, loaded)

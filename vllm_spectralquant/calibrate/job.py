@@ -24,16 +24,16 @@ import torch
 from vllm_spectralquant.artifact.errors import ArtifactError
 from vllm_spectralquant.artifact.fingerprint import fingerprint, read_config
 from vllm_spectralquant.artifact.manifest import CorpusInfo, PresetEntry, SinkInfo, preset_file
-from vllm_spectralquant.artifact.schema import COMPONENTS, PRESET_VALUE_MEAN, tensor_name
+from vllm_spectralquant.artifact.schema import COMPONENTS, PRESET_KEY_GAIN, PRESET_VALUE_MEAN, tensor_name
 from vllm_spectralquant.artifact.store import check_destination, default_artifact_dir, write_artifact
 from vllm_spectralquant.calibrate.collect import ModelStats
 from vllm_spectralquant.calibrate.errors import CalibrationError
-from vllm_spectralquant.calibrate.fit import DEFAULT_KEY_WEIGHT
+from vllm_spectralquant.calibrate.fit import DEFAULT_KEY_WEIGHT, default_key_gain
 from vllm_spectralquant.calibrate.pipeline import ModelFit, collect_in_process, fit_model
 from vllm_spectralquant.calibrate.sinks import choose_sink_tokens, sink_positions
 from vllm_spectralquant.corpus import corpus_sha256, leading_special_token, read_corpus, tokenize_corpus
 from vllm_spectralquant.extras import require as require_extras
-from vllm_spectralquant.format.params import LayerCodec
+from vllm_spectralquant.format.params import GAIN_RANGE, LayerCodec
 from vllm_spectralquant.format.presets import PRESETS, Preset
 from vllm_spectralquant.models.errors import ModelError
 from vllm_spectralquant.models.shape import ModelShape
@@ -60,6 +60,7 @@ class CalibrationConfig:
     batch_size: int = 4
     skip_first: int = 1
     key_weight: float = DEFAULT_KEY_WEIGHT  # keys' bit-allocation weight relative to the cost model
+    key_gain: float | None = None  # packed keys' decode gain for every preset (None: each preset's default; 1: none)
     #: Spread a preset's bytes over the layers by measured attention error (the preset's size is the
     #: mean): True for every fitted preset, or the names of some. Off by default (BENCHMARKS.md: with
     #: sink-anchored values it no longer helps SmolLM2, and costs it perplexity at 2.5-3 bits).
@@ -132,6 +133,8 @@ def check_options(cfg: CalibrationConfig, max_context: int) -> None:
     """The options' own checks, before anything is loaded (CalibrationError names the option)."""
     if not cfg.key_weight > 0:
         raise CalibrationError(f"--key-weight must be positive, got {cfg.key_weight}")
+    if cfg.key_gain is not None and not GAIN_RANGE[0] <= cfg.key_gain <= GAIN_RANGE[1]:
+        raise CalibrationError(f"--key-gain must be in [{GAIN_RANGE[0]}, {GAIN_RANGE[1]}], got {cfg.key_gain}")
     if cfg.window < 2 or cfg.tokens < cfg.window:
         raise CalibrationError(f"--tokens ({cfg.tokens}) must be at least the window ({cfg.window}) and the window at least 2")
     if cfg.num_workers < 1:
@@ -266,7 +269,7 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
     t2 = time.perf_counter()
     sinks = measure_sinks(stats)
     fit = fit_model(
-        stats, shape, presets, key_weight_scale=cfg.key_weight, layer_budget_presets=layered,
+        stats, shape, presets, key_weight_scale=cfg.key_weight, key_gain=cfg.key_gain, layer_budget_presets=layered,
         sink_tokens=sinks.tokens,
     )  # fmt: skip
     seconds["fit"] = time.perf_counter() - t2
@@ -324,6 +327,12 @@ def layer_slot_bytes(codecs: list[LayerCodec]) -> list[int] | None:
     return None if all(c.layer_slot_bytes is None for c in codecs) else [c.slot_bytes for c in codecs]
 
 
+def preset_key_gain(codecs: list[LayerCodec]) -> float:
+    """The keys' decode gain of a fitted preset, as the manifest records it (its mean over layers and heads; 1: none)."""
+    gains = [c.key.gain for c in codecs if c.key.gain is not None]
+    return round(float(torch.stack(gains).double().mean()), 6) if gains else 1.0
+
+
 def artifact_tensors(fit: ModelFit) -> tuple[dict[str, torch.Tensor], dict[str, tuple[PresetEntry, dict[str, torch.Tensor]]]]:
     """The fit as stacked [L, H, ...] tensors for the artifact files."""
     bases: dict[str, torch.Tensor] = {}
@@ -343,6 +352,8 @@ def artifact_tensors(fit: ModelFit) -> tuple[dict[str, torch.Tensor], dict[str, 
             tensors[tensor_name(comp, "codebooks")] = torch.stack([getattr(c, comp).codebooks for c in codecs]).float()
         # The preset's own value mean: sink anchoring (calibrate/anchor.py) puts it on this preset's levels.
         tensors[PRESET_VALUE_MEAN] = torch.stack([c.value.mean for c in codecs]).float()
+        if codecs[0].key.gain is not None:
+            tensors[PRESET_KEY_GAIN] = torch.stack([c.key.gain for c in codecs]).float()
         k_mse, v_mse = expected_rel_mse(fit, name)
         entry = PresetEntry(
             name=name,
@@ -352,6 +363,7 @@ def artifact_tensors(fit: ModelFit) -> tuple[dict[str, torch.Tensor], dict[str, 
             file=preset_file(name),
             key_rel_mse=float(k_mse.mean()),
             value_rel_mse=float(v_mse.mean()),
+            key_gain=preset_key_gain(codecs),
         )
         presets[name] = (entry, tensors)
     return bases, presets
@@ -383,6 +395,7 @@ def build_report_data(cfg: CalibrationConfig, fit: ModelFit, corpus: CorpusInfo,
                 key_rel_mse=k_mse,
                 value_rel_mse=v_mse,
                 layer_slot_bytes=layer_slot_bytes(codecs),
+                key_gain=preset_key_gain(codecs),
             )
         )
 
@@ -426,7 +439,8 @@ def ensure_calibrated(model_dir: Path | str, *, tokens: int = 16384, out_dir: Pa
             corpus = art.manifest.corpus
             # Artifacts written before sink anchoring have no per-preset value mean.
             anchored = all(PRESET_VALUE_MEAN in t for t in art.presets.values())
-            if corpus.key_weight == DEFAULT_KEY_WEIGHT and corpus.tokens >= tokens and anchored:
+            gains = all(abs(e.key_gain - default_key_gain(PRESETS[e.name])) < 1e-6 for e in art.manifest.presets)
+            if corpus.key_weight == DEFAULT_KEY_WEIGHT and gains and corpus.tokens >= tokens and anchored:
                 return out
             logger.warning("recalibrating %s: fitted with other settings", out)
         except ArtifactError as e:

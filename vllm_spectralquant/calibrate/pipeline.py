@@ -41,6 +41,7 @@ def fit_model(
     *,
     fitted_codebooks: bool = True,
     key_weight_scale: float = DEFAULT_KEY_WEIGHT,
+    key_gain: float | None = None,
     layer_budget_presets: Collection[str] = (),
     sink_tokens: int = 1,
 ) -> ModelFit:
@@ -49,6 +50,7 @@ def fit_model(
     The presets named in ``layer_budget_presets`` have their bytes spread over the layers by the measured
     attention error (:func:`layer_budgets`; the preset's size is then the mean); every layer of the
     others gets the preset's bytes.
+    ``key_gain``: every preset's key decode gain (None: each preset's default, ``fit.DEFAULT_KEY_GAINS``).
     ``sink_tokens``: the leading tokens the cache keeps exact (the calibrated sink count), whose
     attention that error leaves out.
     """
@@ -61,7 +63,7 @@ def fit_model(
             continue
         budgets = layer_budgets(bases, tables, p, key_weight_scale) if p.name in layer_budget_presets else None  # None: uniform
         codecs[p.name] = [
-            fit_codec(b, t, p, key_weight_scale, None if budgets is None else budgets[i])
+            fit_codec(b, t, p, key_weight_scale, None if budgets is None else budgets[i], key_gain=key_gain)
             for i, (b, t) in enumerate(zip(bases, tables))
         ]
     return ModelFit(shape, bases, tables, codecs)

@@ -53,6 +53,7 @@ class PresetReport:
     key_rel_mse: torch.Tensor  # float [L, H]  expected relative MSE of keys (sum_j lambda_j D(b_j) / sum_j lambda_j)
     value_rel_mse: torch.Tensor  # float [L, H]
     layer_slot_bytes: list[int] | None = None  # each layer's slot when calibration spread the bytes
+    key_gain: float = 1.0  # the packed keys' decode gain (calibrate/fit.py DEFAULT_KEY_GAINS)
 
 
 @dataclass(frozen=True)
@@ -317,11 +318,12 @@ def _markdown(data: ReportData, pr_key: torch.Tensor, pr_value: torch.Tensor) ->
                 f"{mean(bits_per_coordinate(p.value_bits)):.2f}",
                 _fmt_mse(mean(p.key_rel_mse)),
                 _fmt_mse(mean(p.value_rel_mse)),
+                f"{p.key_gain:g}",
             ]
             for p in data.presets
         ]
         out += _table(
-            ["preset", "slot bytes", "vs bf16", "K bits/coord", "V bits/coord", "K rel. MSE", "V rel. MSE"],
+            ["preset", "slot bytes", "vs bf16", "K bits/coord", "V bits/coord", "K rel. MSE", "V rel. MSE", "K decode gain"],
             preset_rows,
         )
         out += [""]

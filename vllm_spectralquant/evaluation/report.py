@@ -25,8 +25,11 @@ def _artifact_line(artifact: dict | None) -> list[str]:
     if not artifact:
         return []
     layered = ", ".join(artifact["layer_budgets"]) or "none"
+    # Reports written before the key gain existed have no "key_gains" (their artifacts had none).
+    gains = ", ".join(f"{n} {g:g}" for n, g in artifact.get("key_gains", {}).items()) or "none"
     return ["", f"SpectralQuant artifact: `{artifact['path']}` (created {artifact['created']}; {artifact['tokens']:,} tokens of "
-                f"{artifact['corpus']} in windows of {artifact['window']}, key weight {artifact['key_weight']}, layer budgets: {layered})."]
+                f"{artifact['corpus']} in windows of {artifact['window']}, key weight {artifact['key_weight']}, layer budgets: {layered}, "
+                f"key decode gains: {gains})."]
 
 
 def markdown(report: dict) -> str:

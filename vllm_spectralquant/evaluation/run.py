@@ -169,6 +169,25 @@ def paired_delta(window_nll: Sequence[float], ref_window_nll: Sequence[float]) -
     return 100 * (math.exp(mean) - 1), 100 * math.exp(mean) * sd / math.sqrt(len(d))
 
 
+def _check_artifact(cfg: EvalConfig, methods: list[_Method]) -> None:
+    """SpectralQuant presets need a readable artifact: say so before the reference runs for minutes
+    and the server of the first preset fails with vLLM's generic start-up error."""
+    from vllm_spectralquant.artifact import ArtifactError
+    from vllm_spectralquant.artifact.manifest import MANIFEST_NAME
+
+    wanted = [m.preset for m in methods if m.needs_artifact]
+    if not wanted:
+        return
+    where = cfg.artifact or default_artifact_dir(cfg.model_dir)
+    if not (Path(where) / MANIFEST_NAME).exists():
+        raise EvalError(f"{', '.join(wanted)} need a SpectralQuant artifact and there is none at {where}: run "
+                        f"`spectralquant calibrate {cfg.model_dir}` first, or pass --artifact DIR")
+    try:
+        read_manifest(where)
+    except ArtifactError as e:
+        raise EvalError(f"{', '.join(wanted)} need a SpectralQuant artifact: {e}") from e
+
+
 def artifact_record(artifact: Path) -> dict | None:
     """What identifies the artifact the SpectralQuant rows are measured with (None: there is none yet):
     its manifest's sha256 and creation time, and the calibration settings that move the numbers. Two
@@ -190,6 +209,7 @@ def artifact_record(artifact: Path) -> dict | None:
         "window": m.corpus.window,
         "key_weight": m.corpus.key_weight,
         "layer_budgets": [e.name for e in m.presets if e.layer_slot_bytes is not None],
+        "key_gains": {e.name: e.key_gain for e in m.presets},
     }
 
 
@@ -222,6 +242,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Cal
         raise EvalError(f"--prefill-chunk {cfg.prefill_chunk} must be smaller than the perplexity window ({cfg.ppl_window_tokens} tokens)")
     head_dim, max_context = _model_shape(cfg.model_dir)
     methods = methods_for(cfg.presets)
+    _check_artifact(cfg, methods)
     dtype = _serving_dtype(cfg.dtype)
     windows, prompts, trials = _inputs(cfg, max_context)
     max_len = max([cfg.ppl_window_tokens + 8] + [len(t.prompt_ids) + 16 for t in trials])

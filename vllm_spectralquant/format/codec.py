@@ -178,8 +178,8 @@ def decode_rotated(slots: torch.Tensor, codec: LayerCodec) -> tuple[RotatedCodes
 
 
 def unrotate(codes: RotatedCodes, comp: ComponentCodec) -> torch.Tensor:
-    """Rotated codes -> float32 [N, H, D] vectors in the model's frame."""
-    r = comp.scale * (codes.s[..., None] * codes.levels + codes.z[..., None])
+    """Rotated codes -> float32 [N, H, D] vectors in the model's frame (with the decode gain)."""
+    r = comp.decode_scale * (codes.s[..., None] * codes.levels + codes.z[..., None])
     return torch.einsum("nhe,hde->nhd", r, comp.basis) + comp.mean
 
 

@@ -11,6 +11,10 @@ Per component (keys or values) and KV head ``h``:
 
 Decoding a code vector c (levels looked up from the codes) with per-token (s, z):
 ``x_hat = (scale * (s * c + z)) @ basis.T + mean``; s = 1, z = 0 when there is no token scale.
+
+Keys may carry a decode-only ``gain[h]`` (calibration's ``key_gain``): they decode with
+``decode_scale = scale * gain``, i.e. ``mean + gain * (x_hat - mean)``, while encoding keeps ``scale``.
+The codes are unchanged; the scores over packed keys get sharper by ``gain``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ from vllm_spectralquant.format.errors import FormatError
 from vllm_spectralquant.format.presets import GROUP_SIZE, MAX_BITS, Preset, TokenScale, check_head_dim
 
 
+#: Bounds of a decode gain: calibration's gains stay within a few percent of 1; anything far outside
+#: is a corrupted or foreign artifact, not a tuning choice.
+GAIN_RANGE = (0.5, 2.0)
+
+
 @dataclass(frozen=True)
 class ComponentCodec:
     """Keys or values of one layer: tensors have a leading KV-head axis H."""
@@ -35,6 +44,12 @@ class ComponentCodec:
     bits: torch.Tensor  # int32 [H, G]
     codebooks: torch.Tensor  # float32 [H, G, CODEBOOK_SIZE]
     token_scale: TokenScale
+    gain: torch.Tensor | None = None  # float32 [H]: decode-only gain (None: 1)
+
+    @property
+    def decode_scale(self) -> torch.Tensor:
+        """float32 [H, D]: the per-coordinate scale decoding uses (``scale * gain``)."""
+        return self.scale if self.gain is None else self.scale * self.gain[:, None]
 
     @property
     def num_kv_heads(self) -> int:
@@ -57,6 +72,7 @@ class ComponentCodec:
             scale=self.scale.to(device),
             bits=self.bits.to(device),
             codebooks=self.codebooks.to(device),
+            gain=None if self.gain is None else self.gain.to(device),
         )
 
     def validate(self, what: str) -> None:
@@ -70,6 +86,8 @@ class ComponentCodec:
             "bits": (self.bits, (h, g)),
             "codebooks": (self.codebooks, (h, g, CODEBOOK_SIZE)),
         }
+        if self.gain is not None:
+            shapes["gain"] = (self.gain, (h,))
         for name, (t, shape) in shapes.items():
             if tuple(t.shape) != shape:
                 raise FormatError(f"{what}.{name} has shape {tuple(t.shape)}, expected {shape}")
@@ -79,6 +97,8 @@ class ComponentCodec:
             raise FormatError(f"{what}.bits must be integers in [0, {MAX_BITS}]")
         if (self.scale <= 0).any():
             raise FormatError(f"{what}.scale must be positive")
+        if self.gain is not None and not ((self.gain >= GAIN_RANGE[0]) & (self.gain <= GAIN_RANGE[1])).all():
+            raise FormatError(f"{what}.gain must lie in [{GAIN_RANGE[0]}, {GAIN_RANGE[1]}]")
         eye = torch.eye(d, dtype=torch.float64, device=self.basis.device)
         gram = self.basis.double().transpose(-1, -2) @ self.basis.double()
         err = (gram - eye).abs().max().item()

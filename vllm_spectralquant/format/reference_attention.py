@@ -127,7 +127,7 @@ def _attend(q, q_pos, kv_cache, block_table, ctx_len, codec: LayerCodec, geometr
     )
 
     qg = q.view(bsz, qn, h, g, d)
-    w = torch.einsum("bqhrd,hde->bqhre", qg, kc.basis) * kc.scale[None, None, :, None, :]
+    w = torch.einsum("bqhrd,hde->bqhre", qg, kc.basis) * kc.decode_scale[None, None, :, None, :]
     base = torch.einsum("bqhrd,hd->bhrq", qg, kc.mean)
     dot = torch.einsum("bqhre,blhe->bhrql", w, k_lv)
     scores = base[..., None] + k_s.permute(0, 2, 1)[:, :, None, None, :] * dot
@@ -152,7 +152,7 @@ def _attend(q, q_pos, kv_cache, block_table, ctx_len, codec: LayerCodec, geometr
     acc = torch.einsum("bhrql,blhe->bqhre", p_packed * v_s.permute(0, 2, 1)[:, :, None, None, :], v_lv)
     acc = acc + torch.einsum("bhrql,blh->bqhr", p_packed, v_z)[..., None]
     mass = p_packed.sum(-1).permute(0, 3, 1, 2)[..., None]  # [B, Q, H, g, 1]
-    o = torch.einsum("bqhre,hde->bqhrd", acc * vc.scale[None, None, :, None, :], vc.basis) + mass * vc.mean[None, None, :, None, :]
+    o = torch.einsum("bqhre,hde->bqhrd", acc * vc.decode_scale[None, None, :, None, :], vc.basis) + mass * vc.mean[None, None, :, None, :]
     if n_sink:
         o = o + torch.einsum("bhrql,blhd->bqhrd", p[..., :n_sink], v_sink)
     return o.reshape(bsz, qn, hq, d)

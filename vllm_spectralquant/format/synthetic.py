@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,25 +28,32 @@ def random_bits(num_kv_heads: int, groups: int, budget: int, gen: torch.Generato
 
 
 def named_random_codec(name: str, head_dim: int, num_kv_heads: int, seed: int = 0) -> LayerCodec:
-    """:func:`random_codec` from a kernel-case name ``preset[:sorted][@slot_bytes]`` (``sq2_5bit:sorted@22``)."""
+    """:func:`random_codec` from a kernel-case name ``preset[:sorted][@slot_bytes][+gain]`` (``sq2_5bit:sorted@22``;
+    ``+gain``: random decode gains on the keys, as a calibration writes)."""
     from vllm_spectralquant.format.presets import get_preset
 
+    name, plus, extra = name.partition("+")
+    if plus and extra != "gain":
+        raise ValueError(f"unknown kernel-case suffix +{extra}")
     name, _, slot = name.partition("@")
     preset, _, order = name.partition(":")
     return random_codec(
         get_preset(preset), head_dim, num_kv_heads, seed=seed, widest_first=order == "sorted",
-        slot_bytes=int(slot) if slot else None,
+        slot_bytes=int(slot) if slot else None, key_gain=bool(plus),
     )  # fmt: skip
 
 
 def random_codec(
-    preset: Preset, head_dim: int, num_kv_heads: int, seed: int = 0, widest_first: bool = False, slot_bytes: int | None = None
+    preset: Preset, head_dim: int, num_kv_heads: int, seed: int = 0, widest_first: bool = False, slot_bytes: int | None = None,
+    key_gain: bool = False,
 ) -> LayerCodec:
     """A valid codec with random orthonormal bases, means, scales and bit allocations.
 
     ``widest_first``: each head's key and value groups get their random bits sorted in descending
     order, the shape of a calibrated allocation (groups follow PCA importance).
     ``slot_bytes``: the layer's own slot size (a calibration that moved bytes between layers); SpectralQuant only.
+    ``key_gain``: the keys get random decode gains in [0.8, 1.2] (far larger than calibration's, so a
+    kernel that ignores or misplaces them fails its check).
     """
     if preset.method == "turboquant":
         return turboquant_codec(preset, head_dim, num_kv_heads)
@@ -73,7 +80,10 @@ def random_codec(
         )
 
     k_mode, v_mode = preset.token_scales
-    return LayerCodec(preset, component(k_bits, k_mode), component(v_bits, v_mode), slot_bytes).validate()
+    key = component(k_bits, k_mode)
+    if key_gain:
+        key = replace(key, gain=0.8 + 0.4 * torch.rand(num_kv_heads, generator=gen))
+    return LayerCodec(preset, key, component(v_bits, v_mode), slot_bytes).validate()
 
 
 @dataclass

@@ -156,8 +156,11 @@ def decode_supported(codec: LayerCodec, geometry: CacheGeometry, num_query_heads
 # ---- wrappers ----------------------------------------------------------------------------------------------
 
 
-def _params(c: KernelComponent) -> list[torch.Tensor]:
-    return [c.meta, c.lut32, c.lut16, c.basis, c.basis_t, c.mean, c.scale, c.pair_meta, c.pairs]
+def _params(c: KernelComponent, *, decode: bool = True) -> list[torch.Tensor]:
+    """The op's params list (csrc/sq_ops.cpp); slot 6 is the scale the op multiplies or divides by:
+    encoding's for the store, decoding's (with the key gain) for decode and gather."""
+    scale = c.decode_scale if decode else c.scale
+    return [c.meta, c.lut32, c.lut16, c.basis, c.basis_t, c.mean, scale, c.pair_meta, c.pairs]
 
 
 def _geometry_args(geometry: CacheGeometry, kc) -> dict[str, int]:
@@ -194,7 +197,7 @@ def store_kv(key, value, kv_cache, slot_mapping, codec: LayerCodec, geometry: Ca
     value = value if value.stride(2) == 1 else value.contiguous()
     slots = slot_mapping if slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous() else slot_mapping.long().contiguous()
     torch.ops.spectralquant.store_kv(
-        key, value, kv_cache, slots, kc.pad_start, _params(kc.key), _params(kc.value), **_geometry_args(geometry, kc)
+        key, value, kv_cache, slots, kc.pad_start, _params(kc.key, decode=False), _params(kc.value, decode=False), **_geometry_args(geometry, kc)
     )
 
 

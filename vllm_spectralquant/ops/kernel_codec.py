@@ -107,7 +107,8 @@ class KernelComponent:
     basis: torch.Tensor  # float32 [H, D, D]  U (rotated = (x - mean) @ U)
     basis_t: torch.Tensor  # float32 [H, D, D]  U^T, contiguous (x = rotated @ U^T + mean)
     mean: torch.Tensor  # float32 [H, D]
-    scale: torch.Tensor  # float32 [H, D]
+    scale: torch.Tensor  # float32 [H, D]: encoding's sigma per rotated coordinate
+    decode_scale: torch.Tensor  # float32 [H, D]: decoding's (scale x the key gain; format/params.py)
     # Per rotated coordinate j (Triton), int32 [H, DP]:
     coord_byte: torch.Tensor  # slot byte holding the code's first bit
     coord_shift: torch.Tensor  # bit of that byte where the code starts
@@ -167,6 +168,7 @@ def _component(comp: ComponentCodec, field_offset: int, group_offsets: torch.Ten
         basis_t=comp.basis.detach().to(device, torch.float32).transpose(1, 2).contiguous(),
         mean=comp.mean.detach().to(device, torch.float32).contiguous(),
         scale=comp.scale.detach().to(device, torch.float32).contiguous(),
+        decode_scale=comp.decode_scale.detach().to(device, torch.float32).contiguous(),
         coord_byte=per_coord(first_bit // 8).to(device),
         coord_shift=per_coord(first_bit % 8).to(device),
         coord_two=per_coord((first_bit % 8 + bj) > 8).to(device),

@@ -147,7 +147,7 @@ def rotate_queries(query: torch.Tensor, kc: KernelCodec, softmax_scale: float, v
     h = kc.num_kv_heads
     c = softmax_scale * LOG2E
     q = query.float().view(b, h, hq // h, d)
-    w = torch.einsum("bhrd,hde->bhre", q, kc.key.basis) * kc.key.scale[None, :, None, :] * c
+    w = torch.einsum("bhrd,hde->bhre", q, kc.key.basis) * kc.key.decode_scale[None, :, None, :] * c
     w_max = w.abs().amax(-1)
     w_max = torch.where(w_max > 0, w_max, torch.ones_like(w_max))
     views.w16.zero_()
@@ -208,7 +208,7 @@ def decode_attention(
     )  # fmt: skip
     merged = views.merged.view(bsz, h, g, 2 * dp + 1)
     vc = kc.value
-    acc = merged[..., :d] * vc.scale[None, :, None, :]
+    acc = merged[..., :d] * vc.decode_scale[None, :, None, :]
     o = torch.einsum("bhre,hde->bhrd", acc, vc.basis) + merged[..., 2 * dp, None] * vc.mean[None, :, None, :]
     o = o + merged[..., dp : dp + d]
     out[:bsz] = o.reshape(bsz, hq, d).to(out.dtype)

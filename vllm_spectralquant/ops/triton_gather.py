@@ -83,7 +83,7 @@ def _gather_kernel(
 
 def _args(c: KernelComponent) -> list:
     return [c.coord_byte, c.coord_shift, c.coord_two, c.coord_mask, c.coord_lut, c.lut32, c.lut32.stride(0),
-            c.basis_t, c.mean, c.scale]  # fmt: skip
+            c.basis_t, c.mean, c.decode_scale]  # fmt: skip
 
 
 def gather_context(
