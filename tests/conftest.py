@@ -129,6 +129,10 @@ def tiny_calib_model_dir(tmp_path_factory, tiny_tokenizer):
     return path
 
 
+#: The tiny artifact's key decode gain (opt-in; not the default) so that every backend test decodes with one.
+TINY_KEY_GAIN = 1.04
+
+
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory, tiny_calib_model_dir, text_corpus):
     """A calibrated artifact of the tiny Llama (every SpectralQuant preset), built once per session.
@@ -140,7 +144,8 @@ def tiny_artifact(tmp_path_factory, tiny_calib_model_dir, text_corpus):
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
     cfg = CalibrationConfig(
-        model_dir=tiny_calib_model_dir, out_dir=out, corpus=text_corpus, tokens=2048, window=128, layer_budgets=True
+        model_dir=tiny_calib_model_dir, out_dir=out, corpus=text_corpus, tokens=2048, window=128, layer_budgets=True,
+        key_gain=TINY_KEY_GAIN,
     )
     return calibrate(cfg)
 

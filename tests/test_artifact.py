@@ -186,12 +186,12 @@ def test_layer_slot_sizes_are_checked(artifact_copy):
 def test_key_gain_is_recorded_loaded_and_checked(artifact_copy):
     """Calibration writes each preset's key decode gain as a tensor and in the manifest; loading uses it
     for decoding only and refuses a tensor and a manifest that disagree, or a gain out of range."""
-    from vllm_spectralquant.calibrate.fit import DEFAULT_KEY_GAINS
+    from conftest import TINY_KEY_GAIN
 
     art = load_artifact(artifact_copy)
-    assert art.manifest.preset("sq3bit").key_gain == DEFAULT_KEY_GAINS["sq3bit"]
+    assert art.manifest.preset("sq3bit").key_gain == TINY_KEY_GAIN
     codec = art.layer_codec("sq3bit", 1)
-    torch.testing.assert_close(codec.key.decode_scale, codec.key.scale * DEFAULT_KEY_GAINS["sq3bit"])
+    torch.testing.assert_close(codec.key.decode_scale, codec.key.scale * TINY_KEY_GAIN)
     assert codec.value.gain is None
 
     f = artifact_copy / "preset-sq3bit.safetensors"

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keys' bit-allocation weight relative to the attention-error cost model (default: 0.5)")
     p.add_argument("--key-gain", type=float,
                    help="decode gain of packed keys for every preset: sharper attention over them, bytes unchanged "
-                        "(1: none; default: per preset, 1.02-1.04, see BENCHMARKS.md)")
+                        "(default 1: none; 1.02-1.04 helped SmolLM2 and hurt Qwen2.5, see BENCHMARKS.md)")
     # choices: `calibrate --layer-budgets MODEL_DIR` then names the model as a bad preset, not a missing argument.
     p.add_argument("--layer-budgets", nargs="*", metavar="PRESET", choices=_CalibratedPresetNames(),
                    help="spread the bytes of these presets (none named: of every preset) over the layers by measured "

@@ -201,7 +201,11 @@ def layer_budgets(
 #: session). The gain that only restores the scores' variance per head (computed from the query
 #: energy and codebook distortion) recovered a third of it on sq2_5bit (+1.56 -> +1.34 %); the same
 #: gain raised to the 16th power +1.04 %; a uniform 1.04 +0.95 %.
-DEFAULT_KEY_GAINS = {"sq2_5bit": 1.04, "sq3bit": 1.04, "sq4bit": 1.02}
+#: Served on SmolLM2 (16 windows), 1.04 / 1.04 / 1.02 took sq2_5bit +1.34 -> +0.66 %, sq3bit +0.67 -> +0.25 %,
+#: sq4bit +0.19 -> +0.00 %; on Qwen2.5-Coder-1.5B (head_dim 128, 6 windows) the same gains cost every preset
+#: 0.7-1.3 points (all windows worse). A model-independent constant is therefore wrong, so the default is
+#: none (opt-in: ``spectralquant calibrate --key-gain G``) until calibration picks G per model.
+DEFAULT_KEY_GAINS: dict[str, float] = {}
 
 
 def default_key_gain(preset: Preset) -> float:
