@@ -169,15 +169,16 @@ def paired_delta(window_nll: Sequence[float], ref_window_nll: Sequence[float]) -
     return 100 * (math.exp(mean) - 1), 100 * math.exp(mean) * sd / math.sqrt(len(d))
 
 
-def _check_artifact(cfg: EvalConfig, methods: list[_Method]) -> None:
-    """SpectralQuant presets need a readable artifact: say so before the reference runs for minutes
-    and the server of the first preset fails with vLLM's generic start-up error."""
+def _checked_artifact(cfg: EvalConfig, methods: list[_Method]) -> dict | None:
+    """:func:`artifact_record` of the artifact the SpectralQuant presets need (None: no such preset).
+    A missing or unreadable one is an EvalError now, not after the reference has run for minutes and
+    the first preset's server has failed with vLLM's generic start-up error."""
     from vllm_spectralquant.artifact import ArtifactError
     from vllm_spectralquant.artifact.manifest import MANIFEST_NAME
 
     wanted = [m.preset for m in methods if m.needs_artifact]
     if not wanted:
-        return
+        return None
     where = cfg.artifact or default_artifact_dir(cfg.model_dir)
     if not (Path(where) / MANIFEST_NAME).exists():
         raise EvalError(f"{', '.join(wanted)} need a SpectralQuant artifact and there is none at {where}: run "
@@ -186,6 +187,7 @@ def _check_artifact(cfg: EvalConfig, methods: list[_Method]) -> None:
         read_manifest(where)
     except ArtifactError as e:
         raise EvalError(f"{', '.join(wanted)} need a SpectralQuant artifact: {e}") from e
+    return artifact_record(where)
 
 
 def artifact_record(artifact: Path) -> dict | None:
@@ -242,14 +244,13 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, on_result: Cal
         raise EvalError(f"--prefill-chunk {cfg.prefill_chunk} must be smaller than the perplexity window ({cfg.ppl_window_tokens} tokens)")
     head_dim, max_context = _model_shape(cfg.model_dir)
     methods = methods_for(cfg.presets)
-    _check_artifact(cfg, methods)
+    artifact = _checked_artifact(cfg, methods)
     dtype = _serving_dtype(cfg.dtype)
     windows, prompts, trials = _inputs(cfg, max_context)
     max_len = max([cfg.ppl_window_tokens + 8] + [len(t.prompt_ids) + 16 for t in trials])
     log(f"eval {cfg.model_dir.name}: {len(windows)} x {cfg.ppl_window_tokens} tokens for perplexity (prefill chunk "
         f"{cfg.prefill_chunk}), {len(trials)} needles, {len(prompts)} greedy prompts; dtype {dtype}")
 
-    artifact = artifact_record(cfg.artifact or default_artifact_dir(cfg.model_dir)) if any(m.needs_artifact for m in methods) else None
     kept, resumed_ref = _resumable(cfg, _report(cfg, dtype, windows, prompts, trials, [], complete=False), artifact, log)
     results: list[MethodResult] = []
     ref: MethodResult | None = None
