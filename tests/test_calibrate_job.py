@@ -116,7 +116,7 @@ def test_bad_options(tmp_path, tiny_calib_model_dir, text_corpus):
         calibrate(CalibrationConfig(**base, out_dir=afile / "sub" / "art"))
     with pytest.raises(CalibrationError, match="cannot reach the Ray cluster at 127.0.0.1:9"):
         calibrate(CalibrationConfig(**base, out_dir=tmp_path / "d", ray_address="127.0.0.1:9"))
-    with pytest.raises(CalibrationError, match=r"--key-gain must be in \[0.5, 2.0\], got 3"):
+    with pytest.raises(CalibrationError, match=r"--key-gain must be .auto. or a number in \[0.5, 2.0\], got 3"):
         calibrate(CalibrationConfig(**base, out_dir=tmp_path / "e", key_gain=3))
 
 

@@ -95,6 +95,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         cfg.key_weight = args.key_weight
     if args.key_gain is not None:
         cfg.key_gain = args.key_gain
+    if args.key_gain_windows is not None:
+        cfg.key_gain_windows = args.key_gain_windows
     columns = (TextColumn("calibrating"), BarColumn(), _tokens_column(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, transient=True, disable=args.quiet) as bar:
@@ -104,6 +106,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"wrote {result.artifact} ({result.tokens:,} tokens; collect {s['collect']:.1f}s, fit {s['fit']:.1f}s, total {s['total']:.1f}s)")
     print(f"report: {result.artifact / 'report.md'}")
     return 0
+
+
+def _key_gain_arg(text: str) -> float | str:
+    """``--key-gain``: 'auto' or a number (its range is checked with the other options)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -196,9 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--key-weight", type=float,
                    help="keys' bit-allocation weight relative to the attention-error cost model (default: 0.5)")
-    p.add_argument("--key-gain", type=float,
+    p.add_argument("--key-gain", type=_key_gain_arg, metavar="G|auto",
                    help="decode gain of packed keys for every preset: sharper attention over them, bytes unchanged "
-                        "(default 1: none; 1.02-1.04 helped SmolLM2 and hurt Qwen2.5, see BENCHMARKS.md)")
+                        "(default 1: none; 1.02-1.04 helped SmolLM2 and hurt Qwen2.5, see BENCHMARKS.md); 'auto' "
+                        "chooses each preset's gain by the loss of calibration windows run as served (one forward "
+                        "per window, preset and candidate: 5 min for SmolLM2-135M and ~30 min for a 1.5B model on 2 CPU cores)")
+    p.add_argument("--key-gain-windows", type=int, metavar="N",
+                   help="calibration windows --key-gain auto scores (default: 16)")
     # choices: `calibrate --layer-budgets MODEL_DIR` then names the model as a bad preset, not a missing argument.
     p.add_argument("--layer-budgets", nargs="*", metavar="PRESET", choices=_CalibratedPresetNames(),
                    help="spread the bytes of these presets (none named: of every preset) over the layers by measured "

@@ -204,7 +204,8 @@ def layer_budgets(
 #: Served on SmolLM2 (16 windows), 1.04 / 1.04 / 1.02 took sq2_5bit +1.34 -> +0.66 %, sq3bit +0.67 -> +0.25 %,
 #: sq4bit +0.19 -> +0.00 %; on Qwen2.5-Coder-1.5B (head_dim 128, 6 windows) the same gains cost every preset
 #: 0.7-1.3 points (all windows worse). A model-independent constant is therefore wrong, so the default is
-#: none (opt-in: ``spectralquant calibrate --key-gain G``) until calibration picks G per model.
+#: none (opt-in: ``spectralquant calibrate --key-gain G``, or ``--key-gain auto``, which chooses it by the
+#: served loss of calibration windows, calibrate/key_gain.py, and keeps 1 on both models).
 DEFAULT_KEY_GAINS: dict[str, float] = {}
 
 

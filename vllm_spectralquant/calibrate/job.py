@@ -12,10 +12,11 @@ are those of the unshifted one, only the rotation of q and k changes).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,15 @@ from vllm_spectralquant.artifact.store import check_destination, default_artifac
 from vllm_spectralquant.calibrate.collect import ModelStats
 from vllm_spectralquant.calibrate.errors import CalibrationError
 from vllm_spectralquant.calibrate.fit import DEFAULT_KEY_WEIGHT, default_key_gain
+from vllm_spectralquant.calibrate.key_gain import (
+    CHUNK_TOKENS,
+    GAIN_CANDIDATES,
+    GAIN_WINDOWS,
+    KEY_GAIN_AUTO,
+    GainChoice,
+    choose_key_gains,
+    with_key_gain,
+)
 from vllm_spectralquant.calibrate.pipeline import ModelFit, collect_in_process, fit_model
 from vllm_spectralquant.calibrate.sinks import choose_sink_tokens, sink_positions
 from vllm_spectralquant.corpus import corpus_sha256, leading_special_token, read_corpus, tokenize_corpus
@@ -60,7 +70,10 @@ class CalibrationConfig:
     batch_size: int = 4
     skip_first: int = 1
     key_weight: float = DEFAULT_KEY_WEIGHT  # keys' bit-allocation weight relative to the cost model
-    key_gain: float | None = None  # packed keys' decode gain for every preset (None: each preset's default; 1: none)
+    #: Packed keys' decode gain for every preset: a number (1: none), "auto" (each preset's gain chosen by
+    #: the served loss of calibration windows, calibrate/key_gain.py) or None (each preset's default).
+    key_gain: float | str | None = None
+    key_gain_windows: int = GAIN_WINDOWS  # calibration windows ``key_gain="auto"`` scores
     #: Spread a preset's bytes over the layers by measured attention error (the preset's size is the
     #: mean): True for every fitted preset, or the names of some. Off by default (BENCHMARKS.md: with
     #: sink-anchored values it no longer helps SmolLM2, and costs it perplexity at 2.5-3 bits).
@@ -117,13 +130,20 @@ def window_offsets(num_windows: int, window: int, max_position: int) -> list[int
     return [round(i * span / (num_windows - 1)) for i in range(num_windows)]
 
 
+def gain_windows(windows: torch.Tensor, offsets: Sequence[int], count: int) -> tuple[torch.Tensor, list[int]]:
+    """``count`` of the calibration windows [N, T], evenly spaced over the corpus and the positions, and
+    their offsets: those the key-gain choice (calibrate/key_gain.py) runs on."""
+    pick = torch.linspace(0, windows.shape[0] - 1, min(count, windows.shape[0])).round().long().unique().tolist()
+    return windows[pick], [offsets[i] for i in pick]
+
+
 def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-def _max_context(shape: ModelShape) -> int:
+def max_context(shape: ModelShape) -> int:
     if shape.max_context is None:
         raise CalibrationError("the model config has no max_position_embeddings; pass --max-position")
     return shape.max_context
@@ -133,8 +153,20 @@ def check_options(cfg: CalibrationConfig, max_context: int) -> None:
     """The options' own checks, before anything is loaded (CalibrationError names the option)."""
     if not cfg.key_weight > 0:
         raise CalibrationError(f"--key-weight must be positive, got {cfg.key_weight}")
-    if cfg.key_gain is not None and not GAIN_RANGE[0] <= cfg.key_gain <= GAIN_RANGE[1]:
-        raise CalibrationError(f"--key-gain must be in [{GAIN_RANGE[0]}, {GAIN_RANGE[1]}], got {cfg.key_gain}")
+    if cfg.key_gain == KEY_GAIN_AUTO:
+        if cfg.key_gain_windows < 2:
+            raise CalibrationError(f"--key-gain-windows must be at least 2 (a paired standard error), got {cfg.key_gain_windows}")
+        if cfg.window <= CHUNK_TOKENS + 1:
+            raise CalibrationError(
+                f"--key-gain auto scores windows as served with {CHUNK_TOKENS}-token prefill chunks, so it needs "
+                f"--window above {CHUNK_TOKENS + 1} (got {cfg.window})"
+            )
+    elif cfg.key_gain is not None and not (
+        isinstance(cfg.key_gain, (int, float)) and GAIN_RANGE[0] <= cfg.key_gain <= GAIN_RANGE[1]
+    ):
+        raise CalibrationError(
+            f"--key-gain must be {KEY_GAIN_AUTO!r} or a number in [{GAIN_RANGE[0]}, {GAIN_RANGE[1]}], got {cfg.key_gain!r}"
+        )
     if cfg.window < 2 or cfg.tokens < cfg.window:
         raise CalibrationError(f"--tokens ({cfg.tokens}) must be at least the window ({cfg.window}) and the window at least 2")
     if cfg.num_workers < 1:
@@ -201,8 +233,8 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
     refusal = shape.serving_refusal()  # what the vLLM backend would refuse the model with
     if refusal:
         raise ModelError(refusal)
-    max_context = _max_context(shape)
-    check_options(cfg, max_context)
+    model_context = max_context(shape)
+    check_options(cfg, model_context)
     layered = layer_budget_presets(cfg.layer_budgets, presets)
     if layered and shape.sliding_window is not None:
         # vLLM groups sliding and full layers separately and sizes the groups' pages alike; layers with
@@ -226,12 +258,18 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
     device = _pick_device(cfg.device)
     model, tokenizer = load_model(cfg.model_dir, dtype=torch.float32, device=device)
     check_supported_architecture(model.config)
-    windows, offsets, corpus = prepare_windows(cfg, tokenizer, max_context, text)
+    windows, offsets, corpus = prepare_windows(cfg, tokenizer, model_context, text)
     sample_stride = max(1, corpus.tokens // SAMPLE_TOKENS)
     seconds["load"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
     total = windows.shape[0] * (windows.shape[1] - cfg.skip_first)  # tokens used (sinks excluded)
+    auto_gain = cfg.key_gain == KEY_GAIN_AUTO
+    if auto_gain:
+        # The gain choice's forward passes count as tokens too (one per window, preset and candidate).
+        gain_w, gain_o = gain_windows(windows, offsets, cfg.key_gain_windows)
+        fitted = sum(1 for p in presets if p.method == "spectralquant")
+        total += gain_w.numel() * fitted * (1 + len(GAIN_CANDIDATES))
     done = 0
 
     def on_tokens(n: int) -> None:
@@ -269,14 +307,26 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
     t2 = time.perf_counter()
     sinks = measure_sinks(stats)
     fit = fit_model(
-        stats, shape, presets, key_weight_scale=cfg.key_weight, key_gain=cfg.key_gain, layer_budget_presets=layered,
-        sink_tokens=sinks.tokens,
+        stats, shape, presets, key_weight_scale=cfg.key_weight, key_gain=1.0 if auto_gain else cfg.key_gain,
+        layer_budget_presets=layered, sink_tokens=sinks.tokens,
     )  # fmt: skip
     seconds["fit"] = time.perf_counter() - t2
+    gain_choices: dict[str, GainChoice] = {}
+    if auto_gain:
+        t_gain = time.perf_counter()
+        if distributed:
+            model, _ = load_model(cfg.model_dir, dtype=torch.float32, device=device)  # the workers had their own
+        gain_choices = choose_key_gains(
+            model, gain_w, gain_o, fit.codecs, sink_tokens=sinks.tokens, progress=lambda n: on_tokens(n * gain_w.shape[1])
+        )  # fmt: skip
+        fit = dataclasses.replace(fit, codecs={n: with_key_gain(c, gain_choices[n].gain) for n, c in fit.codecs.items()})
+        for name, choice in gain_choices.items():
+            logger.info("%s key gain: %s", name, choice.describe())
+        seconds["key_gain"] = time.perf_counter() - t_gain
 
     t3 = time.perf_counter()
     bases_tensors, preset_tensors = artifact_tensors(fit)
-    report_data = build_report_data(cfg, fit, corpus, seconds, sinks)
+    report_data = build_report_data(cfg, fit, corpus, seconds, sinks, gain_choices)
 
     def write_extras(stage: Path):
         from vllm_spectralquant.calibrate.report import write_report
@@ -369,7 +419,8 @@ def artifact_tensors(fit: ModelFit) -> tuple[dict[str, torch.Tensor], dict[str, 
     return bases, presets
 
 
-def build_report_data(cfg: CalibrationConfig, fit: ModelFit, corpus: CorpusInfo, seconds: dict[str, float], sinks: SinkInfo | None = None):
+def build_report_data(cfg: CalibrationConfig, fit: ModelFit, corpus: CorpusInfo, seconds: dict[str, float],
+                      sinks: SinkInfo | None = None, gain_choices: Mapping[str, GainChoice] | None = None):
     """A function seconds -> ReportData (the timings are only final when the report is written)."""
     from vllm_spectralquant.calibrate.report import PresetReport, ReportData
 
@@ -396,6 +447,7 @@ def build_report_data(cfg: CalibrationConfig, fit: ModelFit, corpus: CorpusInfo,
                 value_rel_mse=v_mse,
                 layer_slot_bytes=layer_slot_bytes(codecs),
                 key_gain=preset_key_gain(codecs),
+                key_gain_choice=None if not gain_choices or name not in gain_choices else gain_choices[name].describe(),
             )
         )
 
