@@ -2,10 +2,10 @@
 """The calibration-time key-gain choice (calibrate/key_gain.py) on an existing artifact's codes.
 
 Runs ``choose_key_gains`` on the calibration windows ``spectralquant calibrate`` would read (evenly
-spaced ones, ``--windows`` of them) with the artifact's codecs (their recorded gains ignored), prints
+spaced ones, ``--windows`` of them, in calibration's order) with the artifact's codecs (their recorded gains ignored), prints
 each preset's per-candidate paired loss change and the gain chosen, and writes JSON.
 
-    python bench/key_gain_choice.py --model DIR [--windows 4] [--tokens 16384] [--out FILE]
+    python bench/key_gain_choice.py --model DIR [--windows 4] [--tokens 16384] [--every-window] [--out FILE]
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from vllm_spectralquant.artifact.store import default_artifact_dir, load_artifact
-from vllm_spectralquant.calibrate.job import CalibrationConfig, gain_windows, max_context, prepare_windows
-from vllm_spectralquant.calibrate.key_gain import GAIN_WINDOWS, choose_key_gains
+from vllm_spectralquant.calibrate.job import CalibrationConfig, gain_windows, model_context, prepare_windows
+from vllm_spectralquant.calibrate.key_gain import GAIN_WINDOWS, LOOK_EVERY, choose_key_gains
 from vllm_spectralquant.files import write_atomic
 from vllm_spectralquant.models.capture import load_model
 from vllm_spectralquant.models.shape import ModelShape
@@ -35,19 +35,21 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=GAIN_WINDOWS)
     ap.add_argument("--presets", nargs="+", default=["sq2_5bit", "sq3bit", "sq4bit"])
     ap.add_argument("--at-position-zero", action="store_true", help="run every window at positions 0..T-1 (as the eval's)")
+    ap.add_argument("--every-window", action="store_true",
+                    help="score every candidate on every window (calibration drops clear losers every %d)" % LOOK_EVERY)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     t0 = time.time()
     model, tok = load_model(args.model, dtype=torch.float32)
     shape = ModelShape.from_config(model.config)
-    windows, offsets, _ = prepare_windows(CalibrationConfig(model_dir=args.model, tokens=args.tokens), tok, max_context(shape))
+    windows, offsets, _ = prepare_windows(CalibrationConfig(model_dir=args.model, tokens=args.tokens), tok, model_context(shape))
     w, o = gain_windows(windows, offsets, args.windows)
     if args.at_position_zero:
         o = [0] * len(o)
     art = load_artifact(args.artifact or default_artifact_dir(args.model), presets=args.presets)
     codecs = {p: [art.layer_codec(p, i) for i in range(shape.num_layers)] for p in args.presets}
     sinks = art.manifest.sinks.tokens if art.manifest.sinks else 1
-    choices = choose_key_gains(model, w, o, codecs, sink_tokens=sinks)
+    choices = choose_key_gains(model, w, o, codecs, sink_tokens=sinks, look_every=0 if args.every_window else LOOK_EVERY)
     out = {"model": args.model.name, "date": datetime.date.today().isoformat(), "windows": len(w), "offsets": o, "sink_tokens": sinks,
            "presets": {}}
     for name, c in choices.items():

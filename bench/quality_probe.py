@@ -41,6 +41,7 @@ import torch
 
 from vllm_spectralquant.artifact.schema import PRESET_VALUE_MEAN
 from vllm_spectralquant.artifact.store import default_artifact_dir, load_artifact
+from vllm_spectralquant.calibrate.served_prefill import chunked_prefill_attention
 from vllm_spectralquant.corpus import held_out, read_corpus, split_halves
 from vllm_spectralquant.files import write_atomic
 from vllm_spectralquant.format.codec import decode_slots, encode_slots
@@ -131,7 +132,6 @@ class SimulatedCache:
         scale = scaling if scaling is not None else d**-0.5
         outs = []
         pos = torch.arange(t)
-        start = (pos // self.chunk) * self.chunk  # the chunk start of each query
         causal = pos[None, :] <= pos[:, None]
         for i in range(b):
             k, v = key[i].transpose(0, 1).float(), value[i].transpose(0, 1).float()  # [T, H, D]
@@ -152,21 +152,16 @@ class SimulatedCache:
                 gain = (st / sd.clamp(min=1e-30)).sqrt() ** self.gain_fit  # [H]
                 self.fitted_gain.setdefault(layer, []).append(gain)
                 kq = torch.cat([kq[: self.sinks], m + gain[:, None] * (kq[self.sinks:] - m)])
-            # Keys: [packed copies of all T; raw copies of all T]; a query sees packed keys before its
-            # chunk and raw keys inside its chunk up to itself.
-            packed_ok = pos[None, :] < start[:, None]
-            raw_ok = causal & (pos[None, :] >= start[:, None])
-            mask = torch.cat([packed_ok, raw_ok], dim=1)
+            stored_bias = None
             if self.logit_bias and self.emulated is None:
                 kc = self.codecs[layer].key
                 hkv = torch.arange(hq) // g
                 qr = torch.einsum("htd,hde->hte", q, kc.basis[hkv]) * kc.scale[hkv][:, None, :]  # [Hq, T, D]
                 bias = 0.5 * self.logit_bias * scale**2 * (qr**2 * self.key_resid[layer][hkv][:, None, :]).sum(-1)
-                packed_bias = bias[:, :, None] * (torch.arange(2 * t) < t).float()  # [Hq, T, 2T]
-                # Columns 0..sinks-1 of the packed copy are exact (sink) keys: no bias there.
-                packed_bias[:, :, : self.sinks] = 0.0
-                mask = torch.where(mask, packed_bias, -math.inf)
-            out = _sdpa(q, torch.cat([kq, k]), torch.cat([vq, v]), mask, scale, g)
+                stored_bias = bias[:, :, None].repeat(1, 1, t)  # [Hq, T, T]
+                # Columns 0..sinks-1 of the stored copy are exact (sink) keys: no bias there.
+                stored_bias[:, :, : self.sinks] = 0.0
+            out = chunked_prefill_attention(q, kq, vq, k, v, scale, self.chunk, stored_bias)
             if self.collect:
                 e = self.errors.setdefault(layer, [0.0, 0.0])
                 sel = pos >= self.chunk

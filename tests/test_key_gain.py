@@ -1,4 +1,4 @@
-"""The calibration-time key-gain choice (calibrate/key_gain.py, ``spectralquant calibrate --key-gain auto``)."""
+"""The calibration-time key-gain choice (calibrate/key_gain.py: ``spectralquant calibrate``'s default, or ``--key-gain auto``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 from vllm_spectralquant.artifact import fingerprint_of, load_artifact
 from vllm_spectralquant.calibrate.errors import CalibrationError
 from vllm_spectralquant.calibrate.job import CalibrationConfig, calibrate
-from vllm_spectralquant.calibrate.key_gain import ServedPrefill, pick_gain, served_loss, with_key_gain
+from vllm_spectralquant.calibrate.key_gain import pick_gain, with_key_gain
+from vllm_spectralquant.calibrate.served_prefill import ServedPrefill, served_loss
 from vllm_spectralquant.cli import main as cli
 from vllm_spectralquant.models.capture import load_model
 
@@ -45,13 +46,53 @@ def test_served_prefill_with_every_token_exact_is_the_model(tiny_artifact, tiny_
     assert model.config._attn_implementation != "spectralquant_served_prefill"  # restored after each call
 
 
-def test_key_gain_auto_records_the_choice(tmp_path, tiny_calib_model_dir, text_corpus):
-    """``--key-gain auto`` writes each preset's chosen gain into the manifest and the report; the codes
-    are those of ``--key-gain 1``; windows too short for a packed chunk are refused up front."""
+def test_a_clear_loser_is_dropped_at_a_look(monkeypatch):
+    """Every LOOK_EVERY windows a candidate worse than 1 by 2 SE stops being scored; a preset whose
+    candidates are all dropped stops; the progress still adds up to every planned pass."""
+    from vllm_spectralquant.calibrate import key_gain
+
+    calls: list[float] = []
+
+    def fake_loss(model, window, offset, served):
+        calls.append(served.gain)
+        w = int(window[0])
+        noise = 0.01 * ((w * 7) % 5 - 2)  # per window, the same for every gain (paired)
+        return 3.0 + noise + {1.0: 0.0, 1.02: 0.02 + 0.001 * (w % 3), 1.04: -0.01 - 0.001 * (w % 2)}[served.gain]
+
+    monkeypatch.setattr(key_gain, "served_loss", fake_loss)
+    windows = torch.arange(12)[:, None].repeat(1, 200)  # window w: every token w
+    ticks: list[int] = []
+    chosen = key_gain.choose_key_gains(None, windows, [0] * 12, {"sq2_5bit": []}, progress=ticks.append)["sq2_5bit"]
+    assert chosen.gain == 1.04 and [len(r) for r in chosen.loss] == [12, 4, 12]
+    assert "1.02: +2.0" in chosen.describe() and "dropped after 4 windows" in chosen.describe()
+    assert sum(ticks) == key_gain.choice_passes(12, 1) and len(calls) == 12 + 4 + 12
+
+    calls.clear()
+    monkeypatch.setattr(key_gain, "served_loss", lambda m, w, o, served: fake_loss(m, w, o, served) + 0.05 * (served.gain != 1.0))
+    both_worse = key_gain.choose_key_gains(None, windows, [0] * 12, {"sq2_5bit": []}, progress=ticks.append)["sq2_5bit"]
+    assert both_worse.gain == 1.0 and len(calls) == 3 * 4  # stopped at the first look
+    assert "(12 windows;" in both_worse.describe() and both_worse.describe().count("dropped after 4 windows") == 2
+    never = key_gain.choose_key_gains(None, windows, [0] * 12, {"sq2_5bit": []}, look_every=0)["sq2_5bit"]
+    assert [len(r) for r in never.loss] == [12, 12, 12]
+
+
+def test_spread_order_spreads_every_prefix():
+    from vllm_spectralquant.calibrate.key_gain import spread_order
+
+    for n in (1, 2, 5, 16, 23):
+        order = spread_order(n)
+        assert sorted(order) == list(range(n))
+    assert spread_order(16)[:4] == [0, 8, 4, 12]
+
+
+def test_key_gain_is_chosen_by_default(tmp_path, tiny_calib_model_dir, text_corpus, caplog):
+    """By default calibration chooses each preset's gain and records it in the manifest and the report;
+    the codes are those of ``--key-gain 1``. Windows too short for a packed chunk keep gain 1 by default
+    (with a warning), and ``--key-gain auto`` refuses them up front."""
     out, none = tmp_path / "auto", tmp_path / "none"
-    for path, gain in ((out, "auto"), (none, "1")):
+    for path, gain in ((out, []), (none, ["--key-gain", "1"])):
         rc = cli(["calibrate", str(tiny_calib_model_dir), "--corpus", str(text_corpus), "--tokens", "1024", "--window",
-                  "256", "--out", str(path), "--quiet", "--presets", "sq2_5bit", "sq4bit", "--key-gain", gain])
+                  "256", "--out", str(path), "--quiet", "--presets", "sq2_5bit", "sq4bit", *gain])
         assert rc == 0
     art = load_artifact(out, expect=fingerprint_of(tiny_calib_model_dir))
     ref = load_artifact(none)
@@ -60,10 +101,17 @@ def test_key_gain_auto_records_the_choice(tmp_path, tiny_calib_model_dir, text_c
     for name in ("sq2_5bit", "sq4bit"):
         gain = art.manifest.preset(name).key_gain
         assert gain in (1.0, 1.02, 1.04)
-        assert f"- `{name}`: gain {gain:g} (loss vs 1" in report
+        assert art.manifest.preset(name).key_gain_chosen_on == 1024 // 256  # every window: fewer than a look
+        assert ref.manifest.preset(name).key_gain_chosen_on == 0
+        assert f"- `{name}`: gain {gain:g} (4 windows; loss vs 1" in report
         assert ("key.gain" in art.presets[name]) == (gain != 1.0)
         assert torch.equal(art.presets[name]["key.codebooks"], ref.presets[name]["key.codebooks"])
         assert torch.equal(art.presets[name]["key.bits"], ref.presets[name]["key.bits"])
+    with caplog.at_level("WARNING"):
+        short = calibrate(CalibrationConfig(model_dir=tiny_calib_model_dir, corpus=text_corpus, tokens=256, window=128,
+                                            out_dir=tmp_path / "short-default", presets=["sq4bit"]))
+    assert "key gains not chosen: windows of 128 tokens" in caplog.text
+    assert load_artifact(short.artifact).manifest.preset("sq4bit").key_gain_chosen_on == 0
     with pytest.raises(CalibrationError, match=r"--key-gain auto .* needs --window above 129 \(got 128\)"):
         calibrate(CalibrationConfig(model_dir=tiny_calib_model_dir, corpus=text_corpus, tokens=256, window=128,
                                     out_dir=tmp_path / "short", key_gain="auto"))

@@ -209,12 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-weight", type=float,
                    help="keys' bit-allocation weight relative to the attention-error cost model (default: 0.5)")
     p.add_argument("--key-gain", type=_key_gain_arg, metavar="G|auto",
-                   help="decode gain of packed keys for every preset: sharper attention over them, bytes unchanged "
-                        "(default 1: none; 1.02-1.04 helped SmolLM2 and hurt Qwen2.5, see BENCHMARKS.md); 'auto' "
-                        "chooses each preset's gain by the loss of calibration windows run as served (one forward "
-                        "per window, preset and candidate: 5 min for SmolLM2-135M and ~30 min for a 1.5B model on 2 CPU cores)")
+                   help="decode gain of packed keys (sharper attention over them, bytes and codes unchanged). Default: "
+                        "each preset's gain (1, 1.02 or 1.04) chosen by the loss of calibration windows run as served, "
+                        "kept only where it beats 1 by 2 standard errors (SmolLM2-135M: sq2_5bit 1.02; Qwen2.5: 1; "
+                        "BENCHMARKS.md), 1 where the windows are too short to read packed keys; one forward per window, "
+                        "preset and candidate, clear losers dropped every 4 windows (2-5 min for SmolLM2-135M on 2 CPU "
+                        "cores). G: that gain for every preset (1: none); 'auto': choose, and refuse windows too short")
     p.add_argument("--key-gain-windows", type=int, metavar="N",
-                   help="calibration windows --key-gain auto scores (default: 16)")
+                   help="calibration windows the key-gain choice scores (default: 16)")
     # choices: `calibrate --layer-budgets MODEL_DIR` then names the model as a bad preset, not a missing argument.
     p.add_argument("--layer-budgets", nargs="*", metavar="PRESET", choices=_CalibratedPresetNames(),
                    help="spread the bytes of these presets (none named: of every preset) over the layers by measured "

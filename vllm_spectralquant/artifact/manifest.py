@@ -89,6 +89,9 @@ class PresetEntry(_Strict):
     #: The packed keys' decode gain (tensor ``key.gain`` of the preset file; calibrate/fit.py); 1: none,
     #: as in every artifact written before the gain existed.
     key_gain: float = Field(default=1.0, ge=GAIN_RANGE[0], le=GAIN_RANGE[1])
+    #: Calibration windows the key gain was chosen on (calibrate/key_gain.py, the default); 0: set by
+    #: ``--key-gain G``, or not chosen (windows too short, or an artifact from before 2026-12-06).
+    key_gain_chosen_on: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _layer_slots_fit_the_mean(self) -> PresetEntry:

@@ -16,7 +16,7 @@ so codebooks fit the real distribution (:mod:`codebook_fit`); without it, Gaussi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -194,26 +194,6 @@ def layer_budgets(
     return allocate_layer_budgets(curves, mean, lo, hi)
 
 
-#: Decode-only gain of each preset's packed keys: they decode as ``mean + gain (k_hat - mean)`` with the
-#: codes unchanged, so scores over packed keys get sharper (format/params.py). Quantisation flattens
-#: them: a centroid quantiser keeps only ``1 - D`` of each coordinate's variance. Picked on SmolLM2-135M
-#: with bench/quality_probe.py (16 x 512-token windows, each paired with gain 1; BENCHMARKS.md, twelfth
-#: session). The gain that only restores the scores' variance per head (computed from the query
-#: energy and codebook distortion) recovered a third of it on sq2_5bit (+1.56 -> +1.34 %); the same
-#: gain raised to the 16th power +1.04 %; a uniform 1.04 +0.95 %.
-#: Served on SmolLM2 (16 windows), 1.04 / 1.04 / 1.02 took sq2_5bit +1.34 -> +0.66 %, sq3bit +0.67 -> +0.25 %,
-#: sq4bit +0.19 -> +0.00 %; on Qwen2.5-Coder-1.5B (head_dim 128, 6 windows) the same gains cost every preset
-#: 0.7-1.3 points (all windows worse). A model-independent constant is therefore wrong, so the default is
-#: none (opt-in: ``spectralquant calibrate --key-gain G``, or ``--key-gain auto``, which chooses it by the
-#: served loss of calibration windows, calibrate/key_gain.py, and keeps 1 on both models).
-DEFAULT_KEY_GAINS: dict[str, float] = {}
-
-
-def default_key_gain(preset: Preset) -> float:
-    """The preset's calibrated default key gain (1: none)."""
-    return DEFAULT_KEY_GAINS.get(preset.name, 1.0)
-
-
 def fit_codec(
     basis: LayerBasis,
     codebooks: LayerCodebooks,
@@ -221,7 +201,7 @@ def fit_codec(
     key_weight_scale: float = DEFAULT_KEY_WEIGHT,
     data_bytes: int | None = None,
     anchor_sinks: bool = True,
-    key_gain: float | None = None,
+    key_gain: float = 1.0,
 ) -> LayerCodec:
     """The SpectralQuant codec of one layer for ``preset``.
 
@@ -229,7 +209,7 @@ def fit_codec(
     ``data_bytes``: this layer's own code bytes per head-token (:func:`layer_budgets`); None: the preset's.
     ``anchor_sinks``: shift the value mean so the sinks' value codes exactly (``anchor.py``), where the
     attention profile found sinks.
-    ``key_gain``: the packed keys' decode gain (None: the preset's :data:`DEFAULT_KEY_GAINS`; 1: none).
+    ``key_gain``: the packed keys' decode-only gain (1: none; calibrate/key_gain.py chooses one).
     """
     if preset.method != "spectralquant":
         raise FormatError(f"fit_codec fits SpectralQuant presets; {preset.name} is {preset.method}")
@@ -256,10 +236,7 @@ def fit_codec(
     if anchor_sinks and basis.sink_found is not None and bool(basis.sink_found.any()):
         # Values only: keys carry RoPE, so a sink's key differs with its position.
         value = anchor_mean(value, basis.sink_value, basis.sink_found)
-    key = component(basis.key, codebooks.key, k_bits)
-    gain = default_key_gain(preset) if key_gain is None else key_gain
-    if gain != 1.0:
-        key = replace(key, gain=torch.full((h,), float(gain)))
+    key = component(basis.key, codebooks.key, k_bits).with_gain(key_gain)
     slot = None if data_bytes is None else data_bytes + preset.meta_bytes
     return LayerCodec(preset, key, value, slot).validate()
 

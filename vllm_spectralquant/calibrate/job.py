@@ -29,14 +29,15 @@ from vllm_spectralquant.artifact.schema import COMPONENTS, PRESET_KEY_GAIN, PRES
 from vllm_spectralquant.artifact.store import check_destination, default_artifact_dir, write_artifact
 from vllm_spectralquant.calibrate.collect import ModelStats
 from vllm_spectralquant.calibrate.errors import CalibrationError
-from vllm_spectralquant.calibrate.fit import DEFAULT_KEY_WEIGHT, default_key_gain
+from vllm_spectralquant.calibrate.fit import DEFAULT_KEY_WEIGHT
 from vllm_spectralquant.calibrate.key_gain import (
     CHUNK_TOKENS,
-    GAIN_CANDIDATES,
     GAIN_WINDOWS,
     KEY_GAIN_AUTO,
     GainChoice,
+    choice_passes,
     choose_key_gains,
+    spread_order,
     with_key_gain,
 )
 from vllm_spectralquant.calibrate.pipeline import ModelFit, collect_in_process, fit_model
@@ -71,7 +72,8 @@ class CalibrationConfig:
     skip_first: int = 1
     key_weight: float = DEFAULT_KEY_WEIGHT  # keys' bit-allocation weight relative to the cost model
     #: Packed keys' decode gain for every preset: a number (1: none), "auto" (each preset's gain chosen by
-    #: the served loss of calibration windows, calibrate/key_gain.py) or None (each preset's default).
+    #: the served loss of calibration windows, calibrate/key_gain.py) or None, the default: "auto" where the
+    #: windows are long enough to read packed keys (above CHUNK_TOKENS + 1 tokens), else 1.
     key_gain: float | str | None = None
     key_gain_windows: int = GAIN_WINDOWS  # calibration windows ``key_gain="auto"`` scores
     #: Spread a preset's bytes over the layers by measured attention error (the preset's size is the
@@ -132,9 +134,17 @@ def window_offsets(num_windows: int, window: int, max_position: int) -> list[int
 
 def gain_windows(windows: torch.Tensor, offsets: Sequence[int], count: int) -> tuple[torch.Tensor, list[int]]:
     """``count`` of the calibration windows [N, T], evenly spaced over the corpus and the positions, and
-    their offsets: those the key-gain choice (calibrate/key_gain.py) runs on."""
-    pick = torch.linspace(0, windows.shape[0] - 1, min(count, windows.shape[0])).round().long().unique().tolist()
+    their offsets: those the key-gain choice (calibrate/key_gain.py) runs on, in an order whose every
+    prefix is spread too (the choice may stop early)."""
+    even = torch.linspace(0, windows.shape[0] - 1, min(count, windows.shape[0])).round().long().unique().tolist()
+    pick = [even[i] for i in spread_order(len(even))]
     return windows[pick], [offsets[i] for i in pick]
+
+
+def chooses_key_gain(cfg: CalibrationConfig) -> bool:
+    """Whether calibration chooses the key gains: asked for, or by default where the windows reach past
+    one prefill chunk (shorter ones never read a packed key the way serving does)."""
+    return cfg.key_gain == KEY_GAIN_AUTO or (cfg.key_gain is None and cfg.window > CHUNK_TOKENS + 1)
 
 
 def _pick_device(name: str) -> torch.device:
@@ -143,7 +153,8 @@ def _pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def max_context(shape: ModelShape) -> int:
+def model_context(shape: ModelShape) -> int:
+    """The model's context length (tokens), which calibration windows are spread over by default."""
     if shape.max_context is None:
         raise CalibrationError("the model config has no max_position_embeddings; pass --max-position")
     return shape.max_context
@@ -233,8 +244,8 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
     refusal = shape.serving_refusal()  # what the vLLM backend would refuse the model with
     if refusal:
         raise ModelError(refusal)
-    model_context = max_context(shape)
-    check_options(cfg, model_context)
+    context = model_context(shape)
+    check_options(cfg, context)
     layered = layer_budget_presets(cfg.layer_budgets, presets)
     if layered and shape.sliding_window is not None:
         # vLLM groups sliding and full layers separately and sizes the groups' pages alike; layers with
@@ -258,18 +269,21 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
     device = _pick_device(cfg.device)
     model, tokenizer = load_model(cfg.model_dir, dtype=torch.float32, device=device)
     check_supported_architecture(model.config)
-    windows, offsets, corpus = prepare_windows(cfg, tokenizer, model_context, text)
+    windows, offsets, corpus = prepare_windows(cfg, tokenizer, context, text)
     sample_stride = max(1, corpus.tokens // SAMPLE_TOKENS)
     seconds["load"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
     total = windows.shape[0] * (windows.shape[1] - cfg.skip_first)  # tokens used (sinks excluded)
-    auto_gain = cfg.key_gain == KEY_GAIN_AUTO
+    auto_gain = chooses_key_gain(cfg)
+    if cfg.key_gain is None and not auto_gain:
+        logger.warning("key gains not chosen: windows of %d tokens never read packed keys as served (%d-token "
+                       "prefill chunks); every preset keeps gain 1", cfg.window, CHUNK_TOKENS)
     if auto_gain:
         # The gain choice's forward passes count as tokens too (one per window, preset and candidate).
         gain_w, gain_o = gain_windows(windows, offsets, cfg.key_gain_windows)
         fitted = sum(1 for p in presets if p.method == "spectralquant")
-        total += gain_w.numel() * fitted * (1 + len(GAIN_CANDIDATES))
+        total += choice_passes(gain_w.shape[0], fitted) * gain_w.shape[1]
     done = 0
 
     def on_tokens(n: int) -> None:
@@ -307,7 +321,7 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
     t2 = time.perf_counter()
     sinks = measure_sinks(stats)
     fit = fit_model(
-        stats, shape, presets, key_weight_scale=cfg.key_weight, key_gain=1.0 if auto_gain else cfg.key_gain,
+        stats, shape, presets, key_weight_scale=cfg.key_weight, key_gain=1.0 if auto_gain or cfg.key_gain is None else cfg.key_gain,
         layer_budget_presets=layered, sink_tokens=sinks.tokens,
     )  # fmt: skip
     seconds["fit"] = time.perf_counter() - t2
@@ -325,7 +339,7 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
         seconds["key_gain"] = time.perf_counter() - t_gain
 
     t3 = time.perf_counter()
-    bases_tensors, preset_tensors = artifact_tensors(fit)
+    bases_tensors, preset_tensors = artifact_tensors(fit, gain_choices)
     report_data = build_report_data(cfg, fit, corpus, seconds, sinks, gain_choices)
 
     def write_extras(stage: Path):
@@ -383,8 +397,11 @@ def preset_key_gain(codecs: list[LayerCodec]) -> float:
     return round(float(torch.stack(gains).double().mean()), 6) if gains else 1.0
 
 
-def artifact_tensors(fit: ModelFit) -> tuple[dict[str, torch.Tensor], dict[str, tuple[PresetEntry, dict[str, torch.Tensor]]]]:
-    """The fit as stacked [L, H, ...] tensors for the artifact files."""
+def artifact_tensors(
+    fit: ModelFit, gain_choices: Mapping[str, GainChoice] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[PresetEntry, dict[str, torch.Tensor]]]]:
+    """The fit as stacked [L, H, ...] tensors for the artifact files (``gain_choices``: how each preset's
+    key gain was chosen, recorded in its manifest entry)."""
     bases: dict[str, torch.Tensor] = {}
     for comp in COMPONENTS:
         layers = [getattr(b, comp) for b in fit.bases]
@@ -414,6 +431,7 @@ def artifact_tensors(fit: ModelFit) -> tuple[dict[str, torch.Tensor], dict[str, 
             key_rel_mse=float(k_mse.mean()),
             value_rel_mse=float(v_mse.mean()),
             key_gain=preset_key_gain(codecs),
+            key_gain_chosen_on=len(gain_choices[name].loss[0]) if gain_choices and name in gain_choices else 0,
         )
         presets[name] = (entry, tensors)
     return bases, presets
@@ -491,7 +509,7 @@ def ensure_calibrated(model_dir: Path | str, *, tokens: int = 16384, out_dir: Pa
             corpus = art.manifest.corpus
             # Artifacts written before sink anchoring have no per-preset value mean.
             anchored = all(PRESET_VALUE_MEAN in t for t in art.presets.values())
-            gains = all(abs(e.key_gain - default_key_gain(PRESETS[e.name])) < 1e-6 for e in art.manifest.presets)
+            gains = all(e.key_gain_chosen_on > 0 for e in art.manifest.presets)  # chosen, as by default
             if corpus.key_weight == DEFAULT_KEY_WEIGHT and gains and corpus.tokens >= tokens and anchored:
                 return out
             logger.warning("recalibrating %s: fitted with other settings", out)

@@ -41,7 +41,7 @@ def fit_model(
     *,
     fitted_codebooks: bool = True,
     key_weight_scale: float = DEFAULT_KEY_WEIGHT,
-    key_gain: float | None = None,
+    key_gain: float = 1.0,
     layer_budget_presets: Collection[str] = (),
     sink_tokens: int = 1,
 ) -> ModelFit:
@@ -50,7 +50,7 @@ def fit_model(
     The presets named in ``layer_budget_presets`` have their bytes spread over the layers by the measured
     attention error (:func:`layer_budgets`; the preset's size is then the mean); every layer of the
     others gets the preset's bytes.
-    ``key_gain``: every preset's key decode gain (None: each preset's default, ``fit.DEFAULT_KEY_GAINS``).
+    ``key_gain``: every preset's key decode gain (1: none; calibrate/key_gain.py chooses one per preset).
     ``sink_tokens``: the leading tokens the cache keeps exact (the calibrated sink count), whose
     attention that error leaves out.
     """

@@ -53,7 +53,7 @@ class PresetReport:
     key_rel_mse: torch.Tensor  # float [L, H]  expected relative MSE of keys (sum_j lambda_j D(b_j) / sum_j lambda_j)
     value_rel_mse: torch.Tensor  # float [L, H]
     layer_slot_bytes: list[int] | None = None  # each layer's slot when calibration spread the bytes
-    key_gain: float = 1.0  # the packed keys' decode gain (calibrate/fit.py DEFAULT_KEY_GAINS)
+    key_gain: float = 1.0  # the packed keys' decode gain (calibrate/key_gain.py)
     key_gain_choice: str | None = None  # how ``--key-gain auto`` chose it (calibrate/key_gain.py GainChoice.describe)
 
 
@@ -330,8 +330,9 @@ def _markdown(data: ReportData, pr_key: torch.Tensor, pr_value: torch.Tensor) ->
         out += [""]
         choices = [p for p in data.presets if p.key_gain_choice]
         if choices:
-            out += ["Key decode gains chosen by the served loss of calibration windows (`--key-gain auto`; "
-                    "a gain other than 1 must beat 1 by 2 paired standard errors):", ""]
+            out += ["Key decode gains chosen by the served loss of calibration windows (calibrate/key_gain.py; "
+                    "a gain other than 1 must beat 1 by 2 paired standard errors, and a candidate worse than 1 "
+                    "by 2 is dropped at the next look, every 4 windows):", ""]
             out += [f"- `{p.name}`: {p.key_gain_choice}" for p in choices] + [""]
         for p in data.presets:
             if p.layer_slot_bytes is not None:

@@ -51,6 +51,10 @@ class ComponentCodec:
         """float32 [H, D]: the per-coordinate scale decoding uses (``scale * gain``)."""
         return self.scale if self.gain is None else self.scale * self.gain[:, None]
 
+    def with_gain(self, gain: float) -> ComponentCodec:
+        """This component decoding at one ``gain`` for every head (1: no gain tensor)."""
+        return replace(self, gain=None if gain == 1.0 else torch.full((self.num_kv_heads,), float(gain)))
+
     @property
     def num_kv_heads(self) -> int:
         return self.basis.shape[0]
