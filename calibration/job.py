@@ -50,12 +50,15 @@ def main(argv=None) -> int:
         cfg.num_workers = 2  # `local` means a local Ray cluster, so use at least two workers
     last = [0.0]
 
-    def progress(done: int, total: int) -> None:
-        if time.monotonic() - last[0] > 10 or done == total:  # job logs: a line every 10 s
-            last[0] = time.monotonic()
-            print(f"calibration: {done}/{total} tokens", flush=True)
+    def reporter(what: str, unit: str):
+        def report(done: int, total: int) -> None:
+            if time.monotonic() - last[0] > 10 or done == total:  # job logs: a line every 10 s
+                last[0] = time.monotonic()
+                print(f"{what}: {done}/{total} {unit}", flush=True)
 
-    result = calibrate(cfg, progress=progress)
+        return report
+
+    result = calibrate(cfg, progress=reporter("calibration", "tokens"), gain_progress=reporter("key gains", "forward passes"))
     print(f"artifact: {result.artifact} ({result.tokens} tokens, {result.seconds['total']:.1f} s)")
     return 0
 

@@ -125,3 +125,17 @@ def test_key_gain_option_text(capsys, tiny_calib_model_dir):
     with pytest.raises(SystemExit):
         cli(["calibrate", str(tiny_calib_model_dir), "--key-gain", "sharp"])
     assert "expected a number or 'auto', got 'sharp'" in capsys.readouterr().err
+
+
+def test_progress_counts_tokens_and_choice_passes_apart(tmp_path, tiny_calib_model_dir, text_corpus):
+    """Collection reports calibration tokens (its total is what the corpus gives, nothing else) and the
+    choice its forward passes, each ending at its total."""
+    from vllm_spectralquant.calibrate.key_gain import choice_passes
+
+    tokens, choice = [], []
+    calibrate(CalibrationConfig(model_dir=tiny_calib_model_dir, corpus=text_corpus, tokens=1024, window=256,
+                                out_dir=tmp_path / "a", presets=["sq4bit"]),
+              progress=lambda d, t: tokens.append((d, t)), gain_progress=lambda d, t: choice.append((d, t)))
+    assert tokens[-1] == (4 * 255, 4 * 255)  # 4 windows, the first token of each left out
+    assert choice[-1] == (choice_passes(4, 1), choice_passes(4, 1))
+    assert all(t == choice_passes(4, 1) for _, t in choice) and len(choice) <= choice_passes(4, 1) + 1

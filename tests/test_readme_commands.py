@@ -158,6 +158,8 @@ def test_calibrate_as_written_in_a_terminal(readme_model, readme_calibration):
     assert "Traceback" not in output, output[-3000:]
     # The progress bar was drawn on the terminal (with the token count once the total was known)...
     assert "calibrating" in output and "/32,704 tokens" in output, output[-3000:]
+    # The key-gain choice (the default) draws its own row, counted in forward passes.
+    assert "choosing key gains" in output and "forward passes" in output, output[-3000:]
     # ... and the result lines follow it.
     assert f"wrote {readme_model / 'spectralquant'} (32,704 tokens" in output.replace("\r\n", "\n").replace("\n", ""), output[-2000:]
 

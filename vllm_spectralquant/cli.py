@@ -51,7 +51,7 @@ def _tokens_column():
     class TokensColumn(ProgressColumn):
         def render(self, task) -> Text:
             total = "?" if task.total is None else f"{int(task.total):,}"
-            return Text(f"{int(task.completed):,}/{total} tokens")
+            return Text(f"{int(task.completed):,}/{total} {task.fields.get('unit', 'tokens')}")
 
     return TokensColumn()
 
@@ -97,13 +97,22 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         cfg.key_gain = args.key_gain
     if args.key_gain_windows is not None:
         cfg.key_gain_windows = args.key_gain_windows
-    columns = (TextColumn("calibrating"), BarColumn(), _tokens_column(),
+    columns = (TextColumn("{task.description}"), BarColumn(), _tokens_column(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, transient=True, disable=args.quiet) as bar:
-        task = bar.add_task("collect", total=None)
-        result = calibrate(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        task = bar.add_task("calibrating", total=None)
+        choice = []  # the key-gain choice's row, added when its first pass finishes
+
+        def on_passes(done: int, total: int) -> None:
+            if not choice:
+                choice.append(bar.add_task("choosing key gains", total=total, unit="forward passes"))
+            bar.update(choice[0], completed=done, total=total)
+
+        result = calibrate(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total),
+                           gain_progress=on_passes)
     s = result.seconds
-    print(f"wrote {result.artifact} ({result.tokens:,} tokens; collect {s['collect']:.1f}s, fit {s['fit']:.1f}s, total {s['total']:.1f}s)")
+    gains = f", key gains {s['key_gain']:.1f}s" if "key_gain" in s else ""
+    print(f"wrote {result.artifact} ({result.tokens:,} tokens; collect {s['collect']:.1f}s, fit {s['fit']:.1f}s{gains}, total {s['total']:.1f}s)")
     print(f"report: {result.artifact / 'report.md'}")
     return 0
 

@@ -227,8 +227,14 @@ def prepare_windows(
     return windows, window_offsets(num, cfg.window, max_position), info
 
 
-def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | None = None) -> CalibrationResult:
-    """Run the whole job; ``progress(done_tokens, total_tokens)`` is called as batches finish."""
+def calibrate(
+    cfg: CalibrationConfig,
+    progress: Callable[[int, int], None] | None = None,
+    gain_progress: Callable[[int, int], None] | None = None,
+) -> CalibrationResult:
+    """Run the whole job; ``progress(done_tokens, total_tokens)`` is called as collection batches
+    finish, ``gain_progress(done_passes, total_passes)`` as the key-gain choice's forward passes do
+    (their total is an upper bound that passes saved by dropped candidates count towards)."""
     from vllm_spectralquant.models.capture import check_supported_architecture, load_model
 
     t0 = time.perf_counter()
@@ -280,10 +286,8 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
         logger.warning("key gains not chosen: windows of %d tokens never read packed keys as served (%d-token "
                        "prefill chunks); every preset keeps gain 1", cfg.window, CHUNK_TOKENS)
     if auto_gain:
-        # The gain choice's forward passes count as tokens too (one per window, preset and candidate).
         gain_w, gain_o = gain_windows(windows, offsets, cfg.key_gain_windows)
-        fitted = sum(1 for p in presets if p.method == "spectralquant")
-        total += choice_passes(gain_w.shape[0], fitted) * gain_w.shape[1]
+        passes = choice_passes(gain_w.shape[0], sum(1 for p in presets if p.method == "spectralquant"))
     done = 0
 
     def on_tokens(n: int) -> None:
@@ -330,9 +334,15 @@ def calibrate(cfg: CalibrationConfig, progress: Callable[[int, int], None] | Non
         t_gain = time.perf_counter()
         if distributed:
             model, _ = load_model(cfg.model_dir, dtype=torch.float32, device=device)  # the workers had their own
-        gain_choices = choose_key_gains(
-            model, gain_w, gain_o, fit.codecs, sink_tokens=sinks.tokens, progress=lambda n: on_tokens(n * gain_w.shape[1])
-        )  # fmt: skip
+        passes_done = 0
+
+        def on_passes(n: int) -> None:
+            nonlocal passes_done
+            passes_done += n
+            if gain_progress is not None:
+                gain_progress(passes_done, passes)
+
+        gain_choices = choose_key_gains(model, gain_w, gain_o, fit.codecs, sink_tokens=sinks.tokens, progress=on_passes)
         fit = dataclasses.replace(fit, codecs={n: with_key_gain(c, gain_choices[n].gain) for n, c in fit.codecs.items()})
         for name, choice in gain_choices.items():
             logger.info("%s key gain: %s", name, choice.describe())
