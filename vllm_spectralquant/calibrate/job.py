@@ -288,13 +288,7 @@ def calibrate(
     if auto_gain:
         gain_w, gain_o = gain_windows(windows, offsets, cfg.key_gain_windows)
         passes = choice_passes(gain_w.shape[0], sum(1 for p in presets if p.method == "spectralquant"))
-    done = 0
-
-    def on_tokens(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total)
+    on_tokens = _running_total(progress, total)
 
     if distributed:
         from vllm_spectralquant.calibrate.distributed import collect_with_ray
@@ -334,15 +328,8 @@ def calibrate(
         t_gain = time.perf_counter()
         if distributed:
             model, _ = load_model(cfg.model_dir, dtype=torch.float32, device=device)  # the workers had their own
-        passes_done = 0
-
-        def on_passes(n: int) -> None:
-            nonlocal passes_done
-            passes_done += n
-            if gain_progress is not None:
-                gain_progress(passes_done, passes)
-
-        gain_choices = choose_key_gains(model, gain_w, gain_o, fit.codecs, sink_tokens=sinks.tokens, progress=on_passes)
+        gain_choices = choose_key_gains(model, gain_w, gain_o, fit.codecs, sink_tokens=sinks.tokens,
+                                        progress=_running_total(gain_progress, passes))
         fit = dataclasses.replace(fit, codecs={n: with_key_gain(c, gain_choices[n].gain) for n, c in fit.codecs.items()})
         for name, choice in gain_choices.items():
             logger.info("%s key gain: %s", name, choice.describe())
@@ -371,6 +358,19 @@ def calibrate(
     seconds["write"] = time.perf_counter() - t3
     seconds["total"] = time.perf_counter() - t0
     return CalibrationResult(path, fit, stats.tokens, seconds)
+
+
+def _running_total(report: Callable[[int, int], None] | None, total: int) -> Callable[[int], None]:
+    """A callback taking increments that calls ``report(done so far, total)`` (nothing when None)."""
+    done = 0
+
+    def add(n: int) -> None:
+        nonlocal done
+        done += n
+        if report is not None:
+            report(done, total)
+
+    return add
 
 
 def measure_sinks(stats: ModelStats) -> SinkInfo:
