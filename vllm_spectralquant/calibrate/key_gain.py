@@ -15,8 +15,8 @@ positions exact in bf16), for each candidate gain, paired per window against g =
 1 is kept only where its mean improvement exceeds ``MARGIN_SE`` standard errors of that paired
 difference, so a model that does not gain stays at 1. Every ``LOOK_EVERY`` windows a candidate already
 worse than 1 by more than ``MARGIN_SE`` standard errors is dropped, and a preset whose candidates are all
-dropped stops there: Qwen2.5 loses 5-8 SE from every gain within 4 windows, so its choice costs a quarter
-of the passes. Dropping losers early cannot make a worse gain win; it can only stop a candidate that a
+dropped stops there: on Qwen2.5 every gain loses by more than 2 SE within 4-8 windows, so its choice
+costs about a quarter of the passes (BENCHMARKS.md, fourteenth session). Dropping losers early cannot make a worse gain win; it can only stop a candidate that a
 longer run would have rescued, which the 2-SE margin makes rare.
 
 The model runs through transformers (no vLLM; calibrate/served_prefill.py), one forward per window,
