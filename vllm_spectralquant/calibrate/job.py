@@ -40,6 +40,7 @@ from vllm_spectralquant.calibrate.key_gain import (
     spread_order,
     with_key_gain,
 )
+from vllm_spectralquant.calibrate.served_prefill import first_scored, reads_packed_keys
 from vllm_spectralquant.calibrate.pipeline import ModelFit, collect_in_process, fit_model
 from vllm_spectralquant.calibrate.sinks import choose_sink_tokens, sink_positions
 from vllm_spectralquant.corpus import corpus_sha256, leading_special_token, read_corpus, tokenize_corpus
@@ -144,7 +145,7 @@ def gain_windows(windows: torch.Tensor, offsets: Sequence[int], count: int) -> t
 def chooses_key_gain(cfg: CalibrationConfig) -> bool:
     """Whether calibration chooses the key gains: asked for, or by default where the windows reach past
     one prefill chunk (shorter ones never read a packed key the way serving does)."""
-    return cfg.key_gain == KEY_GAIN_AUTO or (cfg.key_gain is None and cfg.window > CHUNK_TOKENS + 1)
+    return cfg.key_gain == KEY_GAIN_AUTO or (cfg.key_gain is None and reads_packed_keys(cfg.window))
 
 
 def _pick_device(name: str) -> torch.device:
@@ -167,10 +168,10 @@ def check_options(cfg: CalibrationConfig, max_context: int) -> None:
     if cfg.key_gain == KEY_GAIN_AUTO:
         if cfg.key_gain_windows < 2:
             raise CalibrationError(f"--key-gain-windows must be at least 2 (a paired standard error), got {cfg.key_gain_windows}")
-        if cfg.window <= CHUNK_TOKENS + 1:
+        if not reads_packed_keys(cfg.window):
             raise CalibrationError(
                 f"--key-gain auto scores windows as served with {CHUNK_TOKENS}-token prefill chunks, so it needs "
-                f"--window above {CHUNK_TOKENS + 1} (got {cfg.window})"
+                f"--window above {first_scored()} (got {cfg.window})"
             )
     elif cfg.key_gain is not None and not (
         isinstance(cfg.key_gain, (int, float)) and GAIN_RANGE[0] <= cfg.key_gain <= GAIN_RANGE[1]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from vllm_spectralquant.calibrate.served_prefill import CHUNK_TOKENS, ServedPrefill, served_loss
+from vllm_spectralquant.calibrate.served_prefill import CHUNK_TOKENS, ServedPrefill, reads_packed_keys, served_loss
 from vllm_spectralquant.format.params import LayerCodec
 
 #: Candidate gains besides 1 (BENCHMARKS.md, twelfth session: SmolLM2's optimum lies at 1.02-1.05, flat
@@ -133,7 +133,7 @@ def choose_key_gains(
     none left stops. ``codecs``: preset name -> one codec per layer (any gain they carry is ignored).
     ``progress(n)`` after every forward pass (n = 1) and for the passes a drop saves.
     """
-    if windows.shape[1] <= chunk + 1:
+    if not reads_packed_keys(windows.shape[1], chunk):
         raise ValueError(f"windows of {windows.shape[1]} tokens never read packed keys with {chunk}-token chunks")
     candidates = candidate_gains(gains)
     tick = progress if progress is not None else (lambda n: None)

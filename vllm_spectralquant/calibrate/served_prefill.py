@@ -45,6 +45,17 @@ def chunked_prefill_attention(
     return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
 
+def first_scored(chunk: int = CHUNK_TOKENS) -> int:
+    """The first position whose prediction ``served_loss`` scores: the tokens predicted from the second
+    chunk on, the first ones whose attention reads packed keys."""
+    return chunk + 1
+
+
+def reads_packed_keys(window_tokens: int, chunk: int = CHUNK_TOKENS) -> bool:
+    """Whether ``served_loss`` scores any token of a window this long."""
+    return window_tokens > first_scored(chunk)
+
+
 SERVED_ATTN_IMPLEMENTATION = "spectralquant_served_prefill"
 _ACTIVE: ContextVar[ServedPrefill | None] = ContextVar("spectralquant_served_prefill", default=None)
 
@@ -106,6 +117,6 @@ def served_loss(model: torch.nn.Module, window: torch.Tensor, position_offset: i
     finally:
         _ACTIVE.reset(token)
         model.set_attn_implementation(previous)
-    first = served.chunk + 1
+    first = first_scored(served.chunk)
     lp = torch.log_softmax(logits[first - 1 : -1], -1)
     return float(-lp.gather(1, window[first:, None]).mean())
