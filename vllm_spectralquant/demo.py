@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     model = ensure_example_model()
     print(f"[1/4] model: {model}")
     if preset.method == "spectralquant":
-        print("[2/4] calibrating, unless the artifact is cached (the first run: ~5 min on 2 CPU cores)", flush=True)
+        print("[2/4] calibrating, unless the artifact is cached (the first run: ~12 min on 2 CPU cores)", flush=True)
         artifact = ensure_calibrated(model)
         print(f"[2/4] artifact: {artifact} (report: {artifact / 'report.md'})")
     else:

@@ -32,6 +32,7 @@ from vllm_spectralquant.calibrate.errors import CalibrationError
 from vllm_spectralquant.calibrate.fit import DEFAULT_KEY_WEIGHT
 from vllm_spectralquant.calibrate.key_gain import (
     CHUNK_TOKENS,
+    GAIN_WINDOW_TOKENS,
     GAIN_WINDOWS,
     KEY_GAIN_AUTO,
     GainChoice,
@@ -73,10 +74,13 @@ class CalibrationConfig:
     skip_first: int = 1
     key_weight: float = DEFAULT_KEY_WEIGHT  # keys' bit-allocation weight relative to the cost model
     #: Packed keys' decode gain for every preset: a number (1: none), "auto" (each preset's gain chosen by
-    #: the served loss of calibration windows, calibrate/key_gain.py) or None, the default: "auto" where the
-    #: windows are long enough to read packed keys (above CHUNK_TOKENS + 1 tokens), else 1.
+    #: the served loss of calibration text, calibrate/key_gain.py) or None, the default: "auto" where the
+    #: choice's windows are long enough to read packed keys (above CHUNK_TOKENS + 1 tokens), else 1.
     key_gain: float | str | None = None
-    key_gain_windows: int = GAIN_WINDOWS  # calibration windows ``key_gain="auto"`` scores
+    key_gain_windows: int = GAIN_WINDOWS  # windows the key-gain choice scores
+    #: Tokens in each of them: the calibration text cut again into windows this long (fewer where that
+    #: leaves under two), each at positions 0..T-1 like a served request (calibrate/key_gain.py).
+    key_gain_tokens: int = GAIN_WINDOW_TOKENS
     #: Spread a preset's bytes over the layers by measured attention error (the preset's size is the
     #: mean): True for every fitted preset, or the names of some. Off by default (BENCHMARKS.md: with
     #: sink-anchored values it no longer helps SmolLM2, and costs it perplexity at 2.5-3 bits).
@@ -133,19 +137,35 @@ def window_offsets(num_windows: int, window: int, max_position: int) -> list[int
     return [round(i * span / (num_windows - 1)) for i in range(num_windows)]
 
 
-def gain_windows(windows: torch.Tensor, offsets: Sequence[int], count: int) -> tuple[torch.Tensor, list[int]]:
-    """``count`` of the calibration windows [N, T], evenly spaced over the corpus and the positions, and
-    their offsets: those the key-gain choice (calibrate/key_gain.py) runs on, in an order whose every
-    prefix is spread too (the choice may stop early)."""
-    even = torch.linspace(0, windows.shape[0] - 1, min(count, windows.shape[0])).round().long().unique().tolist()
-    pick = [even[i] for i in spread_order(len(even))]
-    return windows[pick], [offsets[i] for i in pick]
+def gain_window_tokens(cfg: CalibrationConfig, max_context: int | None = None) -> int:
+    """Tokens in each window of the key-gain choice: ``cfg.key_gain_tokens``, or half the calibration's
+    tokens where those hold fewer than two such windows (a paired standard error needs two), or the
+    model's context where that is shorter."""
+    tokens = min(cfg.key_gain_tokens, math.ceil(cfg.tokens / cfg.window) * cfg.window // 2)
+    return tokens if max_context is None else min(tokens, max_context)
 
 
-def chooses_key_gain(cfg: CalibrationConfig) -> bool:
-    """Whether calibration chooses the key gains: asked for, or by default where the windows reach past
+def gain_windows(windows: torch.Tensor, count: int, tokens: int, first_token: int | None = None) -> torch.Tensor:
+    """The key-gain choice's windows [N, tokens]: the calibration text (windows [M, W] of consecutive
+    corpus tokens) cut again into windows of ``tokens``, each to run at positions 0..tokens-1 like a
+    served request, ``count`` of them evenly spaced over the corpus, in an order whose every prefix is
+    spread too (the choice may stop early). ``first_token``: the token that starts every calibration window
+    in place of a corpus one (Gemma's BOS); it is left out of the running text and starts each of these."""
+    text = (windows[:, 1:] if first_token is not None else windows).reshape(-1)
+    n = text.numel() // tokens
+    cut = text[: n * tokens].view(n, tokens).clone()
+    if first_token is not None:
+        cut[:, 0] = first_token
+    even = torch.linspace(0, n - 1, min(count, n)).round().long().unique().tolist()
+    return cut[[even[i] for i in spread_order(len(even))]]
+
+
+def chooses_key_gain(cfg: CalibrationConfig, max_context: int | None = None) -> bool:
+    """Whether calibration chooses the key gains: asked for, or by default where its windows reach past
     one prefill chunk (shorter ones never read a packed key the way serving does)."""
-    return cfg.key_gain == KEY_GAIN_AUTO or (cfg.key_gain is None and reads_packed_keys(cfg.window))
+    return cfg.key_gain == KEY_GAIN_AUTO or (
+        cfg.key_gain is None and reads_packed_keys(gain_window_tokens(cfg, max_context))
+    )
 
 
 def _pick_device(name: str) -> torch.device:
@@ -168,10 +188,14 @@ def check_options(cfg: CalibrationConfig, max_context: int) -> None:
     if cfg.key_gain == KEY_GAIN_AUTO:
         if cfg.key_gain_windows < 2:
             raise CalibrationError(f"--key-gain-windows must be at least 2 (a paired standard error), got {cfg.key_gain_windows}")
-        if not reads_packed_keys(cfg.window):
+        if cfg.key_gain_tokens < 2:
+            raise CalibrationError(f"--key-gain-tokens must be at least 2, got {cfg.key_gain_tokens}")
+        if not reads_packed_keys(gain_window_tokens(cfg, max_context)):
             raise CalibrationError(
-                f"--key-gain auto scores windows as served with {CHUNK_TOKENS}-token prefill chunks, so it needs "
-                f"--window above {first_scored()} (got {cfg.window})"
+                f"--key-gain auto scores windows of up to --key-gain-tokens ({cfg.key_gain_tokens}) calibration tokens "
+                f"as served with {CHUNK_TOKENS}-token prefill chunks, at least two of them above {first_scored()} "
+                f"tokens: it needs --key-gain-tokens and half of --tokens above {first_scored()} "
+                f"(got {cfg.key_gain_tokens} and {cfg.tokens})"
             )
     elif cfg.key_gain is not None and not (
         isinstance(cfg.key_gain, (int, float)) and GAIN_RANGE[0] <= cfg.key_gain <= GAIN_RANGE[1]
@@ -282,12 +306,12 @@ def calibrate(
 
     t1 = time.perf_counter()
     total = windows.shape[0] * (windows.shape[1] - cfg.skip_first)  # tokens used (sinks excluded)
-    auto_gain = chooses_key_gain(cfg)
+    auto_gain = chooses_key_gain(cfg, context)
     if cfg.key_gain is None and not auto_gain:
         logger.warning("key gains not chosen: windows of %d tokens never read packed keys as served (%d-token "
-                       "prefill chunks); every preset keeps gain 1", cfg.window, CHUNK_TOKENS)
+                       "prefill chunks); every preset keeps gain 1", gain_window_tokens(cfg, context), CHUNK_TOKENS)
     if auto_gain:
-        gain_w, gain_o = gain_windows(windows, offsets, cfg.key_gain_windows)
+        gain_w = gain_windows(windows, cfg.key_gain_windows, gain_window_tokens(cfg, context), corpus.first_token_id)
         passes = choice_passes(gain_w.shape[0], sum(1 for p in presets if p.method == "spectralquant"))
     on_tokens = _running_total(progress, total)
 
@@ -329,7 +353,7 @@ def calibrate(
         t_gain = time.perf_counter()
         if distributed:
             model, _ = load_model(cfg.model_dir, dtype=torch.float32, device=device)  # the workers had their own
-        gain_choices = choose_key_gains(model, gain_w, gain_o, fit.codecs, sink_tokens=sinks.tokens,
+        gain_choices = choose_key_gains(model, gain_w, [0] * gain_w.shape[0], fit.codecs, sink_tokens=sinks.tokens,
                                         progress=_running_total(gain_progress, passes))
         fit = dataclasses.replace(fit, codecs={n: with_key_gain(c, gain_choices[n].gain) for n, c in fit.codecs.items()})
         for name, choice in gain_choices.items():

@@ -19,6 +19,11 @@ dropped stops there: on Qwen2.5 every gain loses by more than 2 SE within 4-8 wi
 costs about a quarter of the passes (BENCHMARKS.md, fourteenth session). Dropping losers early cannot make a worse gain win; it can only stop a candidate that a
 longer run would have rescued, which the 2-SE margin makes rare.
 
+The windows are the calibration text cut into ``GAIN_WINDOW_TOKENS``-token windows at positions 0..T-1,
+as a served request reads it: the gain's effect grows with the count of packed keys in the context, and
+the calibration's own 512-token windows, spread over the positions, hide it (on SmolLM2 they chose 1.02 /
+1 / 1 where 1024-token windows choose 1.04 / 1.04 / 1.02; BENCHMARKS.md, fifteenth session).
+
 The model runs through transformers (no vLLM; calibrate/served_prefill.py), one forward per window,
 preset and candidate still in.
 """
@@ -43,10 +48,15 @@ MARGIN_SE = 2.0
 LOOK_EVERY = 4
 #: ``--key-gain auto``: choose each preset's gain here.
 KEY_GAIN_AUTO = "auto"
-#: Calibration windows the choice runs on (each costs a forward pass per preset and candidate). SmolLM2's
-#: sq2_5bit gains 0.24 ± 0.11 (1e-2 nats) from 1.02 on 16 windows, which 4 windows cannot resolve
-#: (−0.10 ± 0.16); Qwen2.5's losses from any gain show at 4 (BENCHMARKS.md, thirteenth session).
+#: Windows the choice runs on (each costs a forward pass per preset and candidate). On SmolLM2, 8 windows of
+#: 1024 tokens resolve the gains only for some draws of the corpus and 16 for every preset; Qwen2.5's losses
+#: from any gain show at 4 (BENCHMARKS.md, thirteenth and fifteenth sessions).
 GAIN_WINDOWS = 16
+#: Tokens in each window the choice scores, at positions 0..T-1 as a served request. The gain's benefit
+#: grows with the packed keys a query reads: on SmolLM2's calibration text, windows of 512 tokens (spread
+#: over the context or at position 0) do not resolve it, while windows of 1024 at position 0 choose
+#: 1.04 / 1.04 / 1.02, what the held-out eval prefers (BENCHMARKS.md, fifteenth session).
+GAIN_WINDOW_TOKENS = 1024
 
 
 
@@ -76,6 +86,7 @@ class GainChoice:
     loss: list[list[float]]  # [gain][window], nats; a dropped candidate has fewer windows than planned
     gain: float
     planned: int = 0  # windows the choice had (0: as many as gain 1 was scored on)
+    window_tokens: int = 0  # tokens per window (0: not recorded)
 
     def paired(self, i: int) -> tuple[float, float]:
         """(mean, standard error) of candidate i's per-window loss minus gain 1's (nats)."""
@@ -97,14 +108,17 @@ class GainChoice:
             n = len(self.loss[i])
             dropped = f", dropped after {n} windows" if n < planned else ""
             parts.append(f"{g:g}: {100 * m:+.2f} ± {100 * se:.2f}{dropped}")
-        return f"gain {self.gain:g} ({planned} windows; loss vs 1, 1e-2 nats: " + ", ".join(parts) + ")"
+        scored = len(self.loss[0])
+        windows = f"{planned} windows" if scored == planned else f"stopped after {scored} of {planned} windows"
+        windows += f" of {self.window_tokens} tokens" if self.window_tokens else ""
+        return f"gain {self.gain:g} ({windows}; loss vs 1, 1e-2 nats: " + ", ".join(parts) + ")"
 
 
-def pick_gain(gains: Sequence[float], loss: list[list[float]], planned: int = 0) -> GainChoice:
+def pick_gain(gains: Sequence[float], loss: list[list[float]], planned: int = 0, window_tokens: int = 0) -> GainChoice:
     """The choice from per-window losses [gain][window] (``gains[0]`` = 1) of a choice over ``planned``
     windows (0: all that gain 1 has): the candidate with the lowest mean loss among those scored on every
     planned window and beating 1 by more than ``MARGIN_SE`` paired standard errors, else 1."""
-    choice = GainChoice(tuple(gains), loss, 1.0, planned)
+    choice = GainChoice(tuple(gains), loss, 1.0, planned, window_tokens)
     best, best_mean = 1.0, 0.0
     for i, g in enumerate(choice.gains[1:], 1):
         m, se = choice.paired(i)
@@ -153,7 +167,7 @@ def choose_key_gains(
             if not active:
                 break
         tick(len(windows) * len(candidates) - sum(len(row) for row in loss))  # the passes dropping saved
-        out[name] = pick_gain(candidates, loss, len(windows))
+        out[name] = pick_gain(candidates, loss, len(windows), windows.shape[1])
     return out
 
 
