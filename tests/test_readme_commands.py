@@ -145,7 +145,7 @@ def readme_model(tmp_path_factory):
 def readme_calibration(readme_model):
     """``spectralquant calibrate MODEL_DIR`` in a terminal, exactly as written: (exit code, output, seconds)."""
     started = time.monotonic()
-    rc, output = run_in_terminal(["spectralquant", "calibrate", str(readme_model)])
+    rc, output = run_in_terminal(["spectralquant", "calibrate", str(readme_model)], timeout=1800)
     seconds = time.monotonic() - started
     print(f"\nspectralquant calibrate MODEL_DIR (SmolLM2, defaults, in a pty): exit {rc} after {seconds:.0f}s")
     return rc, output, seconds
