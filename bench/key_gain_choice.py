@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from vllm_spectralquant.artifact.store import default_artifact_dir, load_artifact
-from vllm_spectralquant.calibrate.job import CalibrationConfig, gain_windows, model_context, prepare_windows
-from vllm_spectralquant.calibrate.key_gain import GAIN_WINDOW_TOKENS, GAIN_WINDOWS, LOOK_EVERY, choose_key_gains, spread_order
+from vllm_spectralquant.calibrate.job import CalibrationConfig, gain_windows, model_context, prepare_windows, spread_pick
+from vllm_spectralquant.calibrate.key_gain import GAIN_WINDOW_TOKENS, GAIN_WINDOWS, LOOK_EVERY, choose_key_gains
 from vllm_spectralquant.corpus import leading_special_token
 from vllm_spectralquant.files import write_atomic
 from vllm_spectralquant.models.capture import load_model
@@ -53,8 +53,7 @@ def main(argv=None) -> int:
         w = gain_windows(windows, args.windows, args.window_tokens, leading_special_token(tok))
         o = [0] * w.shape[0]
     else:  # the calibration's own windows at their offsets (the thirteenth and fourteenth sessions' choice)
-        even = torch.linspace(0, windows.shape[0] - 1, min(args.windows, windows.shape[0])).round().long().unique().tolist()
-        pick = [even[i] for i in spread_order(len(even))]
+        pick = spread_pick(windows.shape[0], args.windows)
         w, o = windows[pick], [offsets[i] for i in pick]
     if args.at_position_zero:
         o = [0] * len(o)

@@ -156,8 +156,13 @@ def gain_windows(windows: torch.Tensor, count: int, tokens: int, first_token: in
     cut = text[: n * tokens].view(n, tokens).clone()
     if first_token is not None:
         cut[:, 0] = first_token
+    return cut[spread_pick(n, count)]
+
+
+def spread_pick(n: int, count: int) -> list[int]:
+    """``count`` of 0..n-1, evenly spaced, in an order whose every prefix is spread too (``spread_order``)."""
     even = torch.linspace(0, n - 1, min(count, n)).round().long().unique().tolist()
-    return cut[[even[i] for i in spread_order(len(even))]]
+    return [even[i] for i in spread_order(len(even))]
 
 
 def chooses_key_gain(cfg: CalibrationConfig, max_context: int | None = None) -> bool:
