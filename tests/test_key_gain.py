@@ -38,10 +38,10 @@ def test_served_prefill_with_every_token_exact_is_the_model(tiny_artifact, tiny_
     lp = torch.log_softmax(logits[128:-1], -1)
     exact = float(-lp.gather(1, window[129:, None]).mean())
     plain = with_key_gain(codecs, 1.0)
-    all_sinks = served_loss(model, window, 0, ServedPrefill(plain, 1.0, sink_tokens=300))
+    all_sinks = served_loss(model, window, 0, ServedPrefill(plain, sink_tokens=300))
     assert all_sinks == pytest.approx(exact, rel=2e-3)
-    packed = served_loss(model, window, 0, ServedPrefill(plain, 1.0))
-    gained = served_loss(model, window, 0, ServedPrefill(plain, 1.04))
+    packed = served_loss(model, window, 0, ServedPrefill(plain))
+    gained = served_loss(model, window, 0, ServedPrefill(with_key_gain(codecs, 1.04)))
     assert packed != pytest.approx(exact, rel=1e-4) and gained != packed
     assert model.config._attn_implementation != "spectralquant_served_prefill"  # restored after each call
 
@@ -98,11 +98,13 @@ def test_a_clear_loser_is_dropped_at_a_look(monkeypatch):
     calls: list[float] = []
 
     def fake_loss(model, window, offset, served):
-        calls.append(served.gain)
+        [gain] = served.codecs  # the fake with_key_gain below: the gain stands for the codecs
+        calls.append(gain)
         w = int(window[0])
         noise = 0.01 * ((w * 7) % 5 - 2)  # per window, the same for every gain (paired)
-        return 3.0 + noise + {1.0: 0.0, 1.02: 0.02 + 0.001 * (w % 3), 1.04: -0.01 - 0.001 * (w % 2)}[served.gain]
+        return 3.0 + noise + {1.0: 0.0, 1.02: 0.02 + 0.001 * (w % 3), 1.04: -0.01 - 0.001 * (w % 2)}[gain]
 
+    monkeypatch.setattr(key_gain, "with_key_gain", lambda codecs, gain: [gain])
     monkeypatch.setattr(key_gain, "served_loss", fake_loss)
     windows = torch.arange(12)[:, None].repeat(1, 200)  # window w: every token w
     ticks: list[int] = []
@@ -112,7 +114,7 @@ def test_a_clear_loser_is_dropped_at_a_look(monkeypatch):
     assert sum(ticks) == key_gain.choice_passes(12, 1) and len(calls) == 12 + 4 + 12
 
     calls.clear()
-    monkeypatch.setattr(key_gain, "served_loss", lambda m, w, o, served: fake_loss(m, w, o, served) + 0.05 * (served.gain != 1.0))
+    monkeypatch.setattr(key_gain, "served_loss", lambda m, w, o, served: fake_loss(m, w, o, served) + 0.05 * (served.codecs[0] != 1.0))
     both_worse = key_gain.choose_key_gains(None, windows, [0] * 12, {"sq2_5bit": []}, progress=ticks.append)["sq2_5bit"]
     assert both_worse.gain == 1.0 and len(calls) == 3 * 4  # stopped at the first look
     assert "(stopped after 4 of 12 windows of 200 tokens;" in both_worse.describe() and both_worse.describe().count("dropped after 4 windows") == 2

@@ -153,8 +153,7 @@ def choose_key_gains(
     tick = progress if progress is not None else (lambda n: None)
     out = {}
     for name, layer_codecs in codecs.items():
-        plain = with_key_gain(layer_codecs, 1.0)
-        served = [ServedPrefill(plain, g, chunk, sink_tokens) for g in candidates]
+        served = [ServedPrefill(with_key_gain(layer_codecs, g), chunk, sink_tokens) for g in candidates]
         loss: list[list[float]] = [[] for _ in candidates]
         active = list(range(1, len(candidates)))
         for n, (w, offset) in enumerate(zip(windows, position_offsets), 1):

@@ -75,10 +75,10 @@ _ACTIVE: ContextVar[ServedPrefill | None] = ContextVar("spectralquant_served_pre
 
 @dataclass(frozen=True)
 class ServedPrefill:
-    """The attention serving computes over a packed cache, for one codec per layer and one key gain."""
+    """The attention serving computes over a packed cache, for one codec per layer (keys decode at the
+    codec's own gain, as the backend's do)."""
 
     codecs: Sequence[LayerCodec]
-    gain: float
     chunk: int = CHUNK_TOKENS
     sink_tokens: int = 1
 
@@ -87,8 +87,6 @@ class ServedPrefill:
         """q [Hq, T, D], k/v [T, H, D] float32 -> [Hq, T, D]; ``sliding_window``: the layer's, if any."""
         codec = self.codecs[layer].to(k.device)
         kh, vh = decode_slots(encode_slots(k, v, codec), codec)
-        mean = codec.key.mean.float()
-        kh = mean + self.gain * (kh - mean)
         exact = (torch.arange(k.shape[0], device=k.device) < self.sink_tokens)[:, None, None]
         kh = torch.where(exact, k.to(SINK_DTYPE).float(), kh)
         vh = torch.where(exact, v.to(SINK_DTYPE).float(), vh)
